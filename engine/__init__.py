@@ -1,0 +1,50 @@
+"""Conveyor's engine: continuous per-item pipelines under per-stage concurrency limits.
+
+    from engine import Pipeline, Stage, Continuous, RetryPolicy
+
+    pipeline = Pipeline([Stage("fetch", fetch, concurrency=50, retry=RetryPolicy(attempts=3)),
+                         Stage("save", save, concurrency=10)])
+    for result in pipeline.stream(contacts, strategy=Continuous()):
+        ...
+"""
+from ._cancel import CancelToken
+from ._context import CallInfo, Simulated, SupportsSimulate, current_call
+from ._pipeline import Pipeline
+from ._ratelimit import RateLimit
+from ._records import (
+    Attempt,
+    ErrorInfo,
+    ItemResult,
+    RunReport,
+    StageSpan,
+    StageStats,
+    percentile,
+    summarize,
+)
+from ._retry import RetryPolicy
+from ._stage import Stage
+from ._strategies import AUTO, Batched, Continuous, ParallelBatches
+
+__all__ = [
+    "AUTO",
+    "Attempt",
+    "Batched",
+    "CallInfo",
+    "CancelToken",
+    "Continuous",
+    "ErrorInfo",
+    "ItemResult",
+    "ParallelBatches",
+    "Pipeline",
+    "RateLimit",
+    "RetryPolicy",
+    "RunReport",
+    "Simulated",
+    "Stage",
+    "StageSpan",
+    "StageStats",
+    "SupportsSimulate",
+    "current_call",
+    "percentile",
+    "summarize",
+]

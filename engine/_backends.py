@@ -1,0 +1,278 @@
+"""Backends: where stage calls run, and the clock the scheduler reads.
+
+* ``LiveBackend`` -- real time. Each stage has a FIFO queue and ``concurrency`` long-lived
+  worker loops, submitted once to the stage's ``ThreadPoolExecutor``: a call costs two
+  ``SimpleQueue`` hand-offs, not a ``Future``. A stage on a process pool or a caller's executor
+  gets the same worker loops as relays: each submits its call to the executor and waits for it,
+  so the limit stays global and the dispatcher stays central.
+* ``VirtualBackend`` -- virtual time. No threads, no sleeping: each call asks the stage's
+  ``simulate(call, value)`` for its duration and outcome and completes at ``now + duration`` on
+  an event heap. The same ``Scheduler`` decides what runs next.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import heapq
+import inspect
+import itertools
+import queue
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._context import CallInfo, Simulated, _local
+
+if TYPE_CHECKING:
+    from ._ratelimit import TokenBucket
+    from ._scheduler import Scheduler, _Item
+    from ._stage import Stage
+
+__all__ = ["LiveBackend", "VirtualBackend"]
+
+_WAKE = object()  # wakes the dispatcher (cancellation) without a completion
+_STOP = None  # tells a worker loop to exit
+
+
+def _relay(executor: concurrent.futures.Executor, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def call(value: Any) -> Any:
+        return executor.submit(fn, value).result()
+
+    return call
+
+
+def _worker_loop(
+    stage_index: int,
+    stage: Stage,
+    call: Callable[..., Any],
+    inbox: queue.SimpleQueue[Any],
+    outbox: queue.SimpleQueue[Any],
+    cancel: Any,
+    bucket: TokenBucket | None,
+    base: float,
+) -> None:
+    """One slot of a stage: take the next queued item, call, report. Runs until _STOP."""
+    get, put, clock, sleep = inbox.get, outbox.put, time.perf_counter, time.sleep
+    name = stage.name
+    resource = None
+    broken = False
+    if stage.init is not None:
+        try:
+            resource = stage.init()
+        except BaseException as exc:  # the run cannot use this stage: fail it, keep draining
+            broken = True
+            put((None, 0.0, 0.0, exc, None))
+    try:
+        while True:
+            item = get()
+            if item is _STOP:
+                return
+            if broken or cancel.cancelled:  # the cancellation check: a flag read
+                now = clock()
+                put((item, now, now, None, None))
+                continue
+            if bucket is not None:
+                wait = bucket.reserve(clock() - base) + base - clock()
+                if wait > 0:
+                    sleep(wait)
+            _local.call = (item.index, item.key, name, stage_index, item.attempt)
+            t0 = clock()
+            try:
+                result = call(item.value) if resource is None else call(item.value, resource)
+                ok = True
+            except BaseException as exc:  # every error ends in the item's record
+                result, ok = exc, False
+            t1 = clock()
+            _local.call = None
+            put((item, t0, t1, ok, result))
+    finally:
+        close = getattr(resource, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:  # closing a per-worker resource must not break shutdown
+                pass
+
+
+class LiveBackend:
+    """Real time on worker threads (and relays to process pools or other executors)."""
+
+    def __init__(self, stages: tuple[Stage, ...], cancel: Any) -> None:
+        self.base = time.perf_counter()
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._timers: list[tuple[float, int, _Item]] = []
+        self._seq = itertools.count()
+        self._cancel = cancel
+        self._inboxes: list[queue.SimpleQueue[Any]] = []
+        self._pools: list[concurrent.futures.Executor] = []
+        self._workers: list[int] = []
+        self._owned: list[concurrent.futures.Executor] = []
+        self._remove_wake = cancel._on_cancel(self.wake)
+        try:
+            for i, st in enumerate(stages):
+                self._start_stage(i, st)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start_stage(self, i: int, st: Stage) -> None:
+        inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=st.concurrency, thread_name_prefix=f"conveyor-{st.name}")
+        self._inboxes.append(inbox)
+        self._pools.append(pool)
+        self._workers.append(st.concurrency)
+        call = st.fn
+        if st.executor == "process":
+            ex: concurrent.futures.Executor = concurrent.futures.ProcessPoolExecutor(
+                max_workers=st.concurrency)
+            self._owned.append(ex)
+            call = _relay(ex, st.fn)
+        elif isinstance(st.executor, concurrent.futures.Executor):
+            call = _relay(st.executor, st.fn)
+        bucket = st.rate_limit.bucket(0.0) if st.rate_limit is not None else None
+        for _ in range(st.concurrency):
+            pool.submit(_worker_loop, i, st, call, inbox, self._outbox, self._cancel, bucket,
+                        self.base)
+
+    def now(self) -> float:
+        return time.perf_counter() - self.base
+
+    def submit(self, stage: int, item: _Item) -> None:
+        self._inboxes[stage].put(item)
+
+    def call_later(self, delay: float, item: _Item) -> None:
+        heapq.heappush(self._timers, (time.perf_counter() + delay, next(self._seq), item))
+
+    def wake(self) -> None:
+        self._outbox.put(_WAKE)
+
+    def step(self, sched: Scheduler) -> None:
+        """Wait for the next completion (or due timer), then handle all that are waiting."""
+        outbox = self._outbox
+        timers = self._timers
+        timeout = None
+        if timers:
+            timeout = max(0.0, timers[0][0] - time.perf_counter())
+            if sched.cancelled:
+                timeout = 0.0
+        try:
+            msg = outbox.get(timeout=timeout)
+        except queue.Empty:
+            msg = _WAKE
+        base = self.base
+        on_done = sched.on_done
+        for _ in range(4096):  # decide in bulk, but hand results over now and then
+            if msg is not _WAKE:
+                item, t0, t1, ok, result = msg
+                if item is None:  # a worker's init failed
+                    sched.fail_run(ok)
+                else:
+                    on_done(item, t0 - base, t1 - base, ok, result)
+            if outbox.empty():
+                break
+            msg = outbox.get()
+        if timers:
+            now = time.perf_counter()
+            cancelled = sched.cancelled
+            while timers and (cancelled or timers[0][0] <= now):
+                sched.on_timer(heapq.heappop(timers)[2])
+
+    def close(self) -> None:
+        """Stop every worker loop and join every thread this backend started."""
+        self._remove_wake()
+        for inbox, n in zip(self._inboxes, self._workers, strict=True):
+            for _ in range(n):
+                inbox.put(_STOP)
+        for pool in self._pools:
+            pool.shutdown(wait=True)
+        for ex in self._owned:
+            ex.shutdown(wait=True)
+
+
+class VirtualBackend:
+    """Virtual time: an event heap, no threads, no sleeping."""
+
+    def __init__(self, stages: tuple[Stage, ...], cancel: Any) -> None:
+        for st in stages:
+            if not callable(getattr(st.fn, "simulate", None)):
+                raise TypeError(
+                    f"Stage {st.name!r}: fn: the virtual clock needs a callable with a "
+                    f".simulate(call, value) method (e.g. a simulators.SimulatedService), "
+                    f"got {st.fn!r}")
+        self.t = 0.0
+        self._heap: list[tuple[float, int, _Item, float | None, Simulated | None]] = []
+        self._seq = itertools.count()
+        self._cancel = cancel
+        self._names = [st.name for st in stages]
+        self._limits = [st.concurrency for st in stages]
+        self._running = [0] * len(stages)
+        self._waiting: list[deque[_Item]] = [deque() for _ in stages]
+        self._sims: list[Callable[..., Simulated]] = [st.fn.simulate for st in stages]
+        self._wants_now = [_accepts_now(f) for f in self._sims]
+        self._buckets = [st.rate_limit.bucket(0.0) if st.rate_limit is not None else None
+                         for st in stages]
+
+    def now(self) -> float:
+        return self.t
+
+    def submit(self, stage: int, item: _Item) -> None:
+        if self._running[stage] < self._limits[stage]:
+            self._start(stage, item)
+        else:
+            self._waiting[stage].append(item)
+
+    def _start(self, s: int, item: _Item) -> None:
+        self._running[s] += 1
+        t = self.t
+        if self._cancel.cancelled:
+            heapq.heappush(self._heap, (t, next(self._seq), item, t, None))
+            return
+        bucket = self._buckets[s]
+        if bucket is not None:
+            t = bucket.reserve(t)
+        call = CallInfo(item.index, item.key, self._names[s], s, item.attempt)
+        if self._wants_now[s]:
+            sim = self._sims[s](call, item.value, now=t)
+        else:
+            sim = self._sims[s](call, item.value)
+        heapq.heappush(self._heap, (t + sim[0], next(self._seq), item, t, sim))
+
+    def call_later(self, delay: float, item: _Item) -> None:
+        heapq.heappush(self._heap, (self.t + delay, next(self._seq), item, None, None))
+
+    def step(self, sched: Scheduler) -> None:
+        heap = self._heap
+        if not heap:
+            raise RuntimeError("virtual clock: items are in flight but nothing is scheduled")
+        end, _, item, start, sim = heapq.heappop(heap)
+        if end > self.t:
+            self.t = end
+        if start is None:  # a retry timer
+            if sched.cancelled:  # flush: no backoff waits out a cancellation
+                sched.on_timer(item)
+                return
+            sched.on_timer(item)
+            return
+        s = item.stage
+        self._running[s] -= 1
+        waiting = self._waiting[s]
+        if waiting:
+            self._start(s, waiting.popleft())
+        if sim is None:
+            sched.on_done(item, end, end, None, None)
+        elif sim[2] is None:
+            sched.on_done(item, start, end, True, sim[1])
+        else:
+            sched.on_done(item, start, end, False, sim[2])
+
+    def close(self) -> None:
+        self._heap.clear()
+
+
+def _accepts_now(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "now" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())

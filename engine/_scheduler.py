@@ -1,0 +1,241 @@
+"""The scheduler: one state machine that owns every decision of a run.
+
+Data flow of a live run on thread stages (the virtual clock replaces the right-hand side with
+an event heap, and drives the very same Scheduler)::
+
+      caller thread (stream()/run())                       worker threads, `concurrency` per stage
+    +-----------------------------------------+          +------------------------------------+
+    | input iterator --admit_one()--> Policy  |  submit  |  stage queue (SimpleQueue, FIFO)   |
+    |   (Continuous / Batch)          |       | -------> |  worker: cancel flag? rate limit?  |
+    |                                 v       |          |          fn(value) -> result        |
+    |   Scheduler.on_done(item, ...)  <-------+--------- |  completion queue (one, shared)     |
+    |     retry? -> timer heap               | complete |                                    |
+    |     next stage? barrier? -> Policy     |          +------------------------------------+
+    |     visible? -> ItemResult -> caller   |
+    +-----------------------------------------+
+
+Nothing but the scheduler touches run state; stage code only sees its value. The dispatcher is
+the caller's own thread (no extra thread, no extra wake-up): it blocks on the completion queue,
+then handles every completion waiting there in one go (streamed hand-offs, decisions in bulk).
+Concurrency limits are enforced by the number of workers per stage: a stage's queue is its FIFO
+of items that arrived there, and at most `concurrency` workers call `fn` at any instant.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ._cancel import CancelToken
+from ._records import Attempt, ErrorInfo, ItemResult, StageSpan, StageStats
+from ._retry import RetryPolicy, unit_random
+
+if TYPE_CHECKING:
+    from ._stage import Stage
+    from ._strategies import Policy, Strategy, _Batch
+
+__all__ = ["Backend", "Scheduler"]
+
+
+class _Item:
+    """The one mutable record of an item in flight (tenacity's RetryCallState, per item)."""
+
+    __slots__ = ("attempt", "batch", "calls", "error", "index", "key", "queued_at", "spans",
+                 "stage", "status", "value")
+
+    def __init__(self, index: int, key: Hashable, value: Any) -> None:
+        self.index = index
+        self.key = key
+        self.value = value
+        self.stage = -1
+        self.attempt = 1
+        self.calls: list[Attempt] = []
+        self.spans: list[StageSpan] = []
+        self.status = ""
+        self.error: ErrorInfo | None = None
+        self.batch: _Batch | None = None
+        self.queued_at = 0.0
+
+
+class Backend(Protocol):
+    """Where calls run and what time it is. The scheduler asks nothing else of it."""
+
+    def now(self) -> float: ...
+    def submit(self, stage: int, item: _Item) -> None: ...
+    def call_later(self, delay: float, item: _Item) -> None: ...
+    def step(self, sched: Scheduler) -> None: ...
+    def close(self) -> None: ...
+
+
+class Scheduler:
+    """Admission, barriers (through the strategy's policy), retries, cancellation, visibility."""
+
+    def __init__(
+        self,
+        stages: tuple[Stage, ...],
+        strategy: Strategy,
+        items: Iterator[Any],
+        key: Callable[[Any], Hashable] | None,
+        cancel: CancelToken,
+    ) -> None:
+        self.stages = stages
+        self.names = [s.name for s in stages]
+        self.limits = [s.concurrency for s in stages]
+        self.retry: list[RetryPolicy | None] = [s.retry for s in stages]
+        self.last = len(stages) - 1
+        self._iter = items
+        self._key = key
+        self.cancel = cancel
+        self.next_index = 0
+        self.open = 0  # admitted and not yet handed to the caller
+        self.exhausted = False
+        self.error: BaseException | None = None  # raised by the input, a key or a callback
+        self.out: list[ItemResult] = []
+        n = len(stages)
+        self.st_calls = [0] * n
+        self.st_errors = [0] * n
+        self.st_retries = [0] * n
+        self.st_busy = [0.0] * n
+        self.st_wait = [0.0] * n
+        self.in_flight = [0] * n
+        self.peak = [0] * n
+        self.backend: Backend  # set by attach()
+        self.policy: Policy = strategy.policy(self)
+
+    def attach(self, backend: Backend) -> None:
+        self.backend = backend
+
+    # -- state the loop reads ------------------------------------------------------------------
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel.cancelled
+
+    @property
+    def done(self) -> bool:
+        return self.open == 0 and (self.exhausted or self.cancel.cancelled)
+
+    def fail_run(self, exc: BaseException) -> None:
+        """An error outside any stage (input, key, callback): stop admission, settle, re-raise."""
+        if self.error is None:
+            self.error = exc
+        self.exhausted = True
+        self.cancel.cancel(f"{type(exc).__name__}: {exc}")
+
+    # -- called by the policy ------------------------------------------------------------------
+    def admit_one(self) -> _Item | None:
+        """The next input item, or None when the input is exhausted or the run cancelled."""
+        if self.exhausted or self.cancel.cancelled:
+            return None
+        try:
+            value = next(self._iter)
+            index = self.next_index
+            key = index if self._key is None else self._key(value)
+        except StopIteration:
+            self.exhausted = True
+            return None
+        except Exception as exc:
+            self.fail_run(exc)
+            return None
+        self.next_index = index + 1
+        self.open += 1
+        return _Item(index, key, value)
+
+    def enter(self, item: _Item, stage: int) -> None:
+        """Queue ``item`` for ``stage`` (its first attempt there)."""
+        item.stage = stage
+        item.attempt = 1
+        item.calls = []
+        self._submit(item)
+
+    def _submit(self, item: _Item) -> None:
+        s = item.stage
+        n = self.in_flight[s] + 1
+        self.in_flight[s] = n
+        if n > self.peak[s]:
+            self.peak[s] = n
+        item.queued_at = self.backend.now()
+        self.backend.submit(s, item)
+
+    def drop(self, item: _Item) -> None:
+        """End ``item`` as cancelled without telling the policy (it is the one asking)."""
+        item.status = "cancelled"
+
+    def emit(self, items: tuple[_Item, ...] | list[_Item]) -> None:
+        """``items`` become visible now (together)."""
+        now = self.backend.now()
+        out = self.out
+        for it in items:
+            cancelled = it.status == "cancelled"
+            out.append(ItemResult(it.index, it.key, it.status,  # type: ignore[arg-type]
+                                  None if cancelled or it.status == "failed" else it.value,
+                                  it.error, tuple(it.spans), None if cancelled else now))
+            it.value = None
+        self.open -= len(items)
+
+    # -- called by the backend -----------------------------------------------------------------
+    def on_done(self, item: _Item, start: float, end: float, ok: bool | None, result: Any) -> None:
+        """A call of ``item`` at its current stage ended (``ok=None``: it never started)."""
+        s = item.stage
+        self.in_flight[s] -= 1
+        if ok is None:
+            self._finish(item, "cancelled")
+            return
+        self.st_calls[s] += 1
+        self.st_busy[s] += end - start
+        self.st_wait[s] += start - item.queued_at
+        if ok:
+            calls = item.calls
+            calls.append(Attempt(start, end))
+            item.spans.append(StageSpan(self.names[s], calls[0].start, end, tuple(calls)))
+            item.calls = []
+            item.value = result
+            if s == self.last:
+                item.status = "ok"
+                self.policy.item_done(item)
+            elif self.cancel.cancelled:
+                item.status = "cancelled"
+                self.policy.item_done(item)
+            else:
+                self.policy.stage_done(item)
+            return
+        err = ErrorInfo(self.names[s], type(result).__name__, str(result))
+        item.calls.append(Attempt(start, end, err))
+        self.st_errors[s] += 1
+        policy = self.retry[s]
+        if (policy is not None and not self.cancel.cancelled
+                and policy.should_retry(result, item.attempt)):
+            delay = policy.delay(result, item.attempt, unit_random(item.index, s, item.attempt))
+            item.attempt += 1
+            self.st_retries[s] += 1
+            self.in_flight[s] += 1  # a retry waiting for its timer still belongs to the stage
+            self.backend.call_later(delay, item)
+            return
+        if self.cancel.cancelled:
+            self._finish(item, "cancelled")
+        else:
+            item.error = err
+            self._finish(item, "failed")
+
+    def on_timer(self, item: _Item) -> None:
+        """A retry's backoff has elapsed: back to the end of its stage's queue."""
+        self.in_flight[item.stage] -= 1
+        if self.cancel.cancelled:
+            self._finish(item, "cancelled")
+        else:
+            self._submit(item)
+
+    def _finish(self, item: _Item, status: str) -> None:
+        calls = item.calls
+        if calls:
+            item.spans.append(
+                StageSpan(self.names[item.stage], calls[0].start, calls[-1].end, tuple(calls)))
+            item.calls = []
+        item.status = status
+        self.policy.item_done(item)
+
+    def stats(self, wall: float) -> tuple[StageStats, ...]:
+        return tuple(
+            StageStats(self.names[s], self.limits[s], self.st_calls[s], self.st_errors[s],
+                       self.st_retries[s], self.st_busy[s], self.st_wait[s],
+                       min(self.peak[s], self.limits[s]), wall)
+            for s in range(len(self.names))
+        )
