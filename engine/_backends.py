@@ -242,29 +242,35 @@ class VirtualBackend:
         heapq.heappush(self._heap, (self.t + delay, next(self._seq), item, None, None))
 
     def step(self, sched: Scheduler) -> None:
+        """Run events until one makes a result visible (or nothing is left).
+
+        Admission (``policy.fill``) runs after every event, at that event's virtual time, so a
+        freed place is taken at the instant it frees, exactly as the live dispatcher does.
+        """
         heap = self._heap
         if not heap:
             raise RuntimeError("virtual clock: items are in flight but nothing is scheduled")
-        end, _, item, start, sim = heapq.heappop(heap)
-        if end > self.t:
-            self.t = end
-        if start is None:  # a retry timer
-            if sched.cancelled:  # flush: no backoff waits out a cancellation
-                sched.on_timer(item)
-                return
-            sched.on_timer(item)
-            return
-        s = item.stage
-        self._running[s] -= 1
-        waiting = self._waiting[s]
-        if waiting:
-            self._start(s, waiting.popleft())
-        if sim is None:
-            sched.on_done(item, end, end, None, None)
-        elif sim[2] is None:
-            sched.on_done(item, start, end, True, sim[1])
-        else:
-            sched.on_done(item, start, end, False, sim[2])
+        pop = heapq.heappop
+        running, waiting, start_call = self._running, self._waiting, self._start
+        on_done, on_timer, fill, out = sched.on_done, sched.on_timer, sched.policy.fill, sched.out
+        while heap and not out:
+            end, _, item, start, sim = pop(heap)
+            if end > self.t:
+                self.t = end
+            if start is None:  # a retry's backoff elapsed
+                on_timer(item)
+            else:
+                s = item.stage
+                running[s] -= 1
+                if waiting[s]:
+                    start_call(s, waiting[s].popleft())
+                if sim is None:
+                    on_done(item, end, end, None, None)
+                elif sim[2] is None:
+                    on_done(item, start, end, True, sim[1])
+                else:
+                    on_done(item, start, end, False, sim[2])
+            fill()
 
     def close(self) -> None:
         self._heap.clear()

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable
-from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 __all__ = ["CallInfo", "Simulated", "SupportsSimulate", "current_call"]
 
 
-@dataclass(frozen=True, slots=True)
-class CallInfo:
-    """One call of one stage for one item."""
+class CallInfo(NamedTuple):
+    """One call of one stage for one item (a named tuple: one is built per simulated call)."""
 
     index: int  #: the item's position in the input (0-based)
     key: Hashable  #: the item's key (``key(item)``, default: its position)
@@ -59,5 +57,5 @@ def current_call() -> CallInfo:
     if info is None:
         raise RuntimeError("current_call() is only available inside a stage call on a thread")
     if not isinstance(info, CallInfo):  # the worker stores a cheap tuple; build the record lazily
-        info = CallInfo(*info)
+        info = CallInfo._make(info)
     return info

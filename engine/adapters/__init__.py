@@ -1,0 +1,51 @@
+"""Stage callables over real services, for sync jobs built on the engine.
+
+    from engine.adapters import HttpFetch, LLMAnalyze, PostgresStore, RETRYABLE
+
+* ``HttpFetch`` -- GET a contact's messages over ``requests`` (a Session per worker thread).
+* ``LLMAnalyze`` -- classify a contact over the ``openai`` client (JSON-schema output).
+* ``PostgresStore`` -- ``save`` and ``assign`` over ``psycopg2`` (pooled, upserts, schema).
+* ``TransientError`` / ``PermanentError`` -- what every adapter raises; retry only
+  ``RETRYABLE`` (``RetryPolicy(retry_on=RETRYABLE)``), so a 404 or a malformed answer fails the
+  item at once while 429/5xx/timeouts are retried, honouring ``retry_after``.
+
+This package imports requests, openai and psycopg2; ``import engine`` alone does not.
+"""
+from ._errors import RETRYABLE, AdapterError, PermanentError, TransientError, parse_retry_after
+from ._records import (
+    PIPELINE_STAGES,
+    Analysis,
+    Analyzed,
+    Assignment,
+    Contact,
+    Fetched,
+    PipelineStage,
+    contact_id,
+)
+from .http import HttpFetch
+from .llm import ANALYSIS_SCHEMA, LLMAnalyze, MalformedOutputError, parse_analysis
+from .postgres import SCHEMA, PostgresStore, redact_dsn
+
+__all__ = [
+    "ANALYSIS_SCHEMA",
+    "PIPELINE_STAGES",
+    "RETRYABLE",
+    "SCHEMA",
+    "AdapterError",
+    "Analysis",
+    "Analyzed",
+    "Assignment",
+    "Contact",
+    "Fetched",
+    "HttpFetch",
+    "LLMAnalyze",
+    "MalformedOutputError",
+    "PermanentError",
+    "PipelineStage",
+    "PostgresStore",
+    "TransientError",
+    "contact_id",
+    "parse_analysis",
+    "parse_retry_after",
+    "redact_dsn",
+]
