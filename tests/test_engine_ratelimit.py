@@ -1,0 +1,50 @@
+"""Per-stage rate limits: a token bucket consulted before each call, live and virtual."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from engine import Pipeline, RateLimit, Simulated, Stage
+from engine._ratelimit import TokenBucket
+
+pytestmark = pytest.mark.timeout(20)
+
+
+class Instant:
+    def __call__(self, v):
+        return v
+
+    def simulate(self, call, value):
+        return Simulated(0.0, value)
+
+
+def test_bucket_reservations_queue() -> None:
+    b = TokenBucket(rate=2.0, burst=2, now=0.0)
+    assert [b.reserve(0.0) for _ in range(5)] == [0.0, 0.0, 0.5, 1.0, 1.5]
+    assert b.reserve(10.0) == 10.0  # refilled, capped at burst
+
+
+def test_virtual_rate_limit_spaces_calls() -> None:
+    report = Pipeline([Stage("s", Instant(), concurrency=50,
+                             rate_limit=RateLimit(rate=10, burst=1))]).run(
+        range(21), clock="virtual")
+    starts = sorted(r.stages[0].start for r in report.items)
+    assert starts[-1] == pytest.approx(2.0)
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert min(gaps) == pytest.approx(0.1)
+
+
+def test_per_minute() -> None:
+    assert RateLimit.per_minute(600).rate == pytest.approx(10.0)
+
+
+def test_live_rate_limit() -> None:
+    t = time.perf_counter()
+    report = Pipeline([Stage("s", str, concurrency=8, rate_limit=RateLimit(rate=100))]).run(
+        range(31))
+    elapsed = time.perf_counter() - t
+    assert report.ok == 31
+    starts = sorted(r.stages[0].start for r in report.items)
+    assert starts[-1] - starts[0] >= 0.3 - 0.02  # 30 gaps of 10 ms
+    assert elapsed >= 0.28
