@@ -1,0 +1,209 @@
+"""The comparison tables: the headline printed to the terminal and ``report.md``.
+
+Both are built from :class:`bench._results.RunData` (saved files only). Runs are grouped by
+(scenario, clock, strategy); repeats of a group are shown as mean +- standard deviation.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench._results import STRATEGY_ORDER, RunData, git_commit
+
+__all__ = ["Group", "group_runs", "headline_table", "write_report"]
+
+
+@dataclass(frozen=True)
+class Group:
+    """The repeats of one strategy on one scenario and clock."""
+
+    scenario: str
+    clock: str
+    strategy: str
+    runs: tuple[RunData, ...]
+
+    def values(self, key: str) -> list[float]:
+        return [float(r.summary[key]) for r in self.runs]
+
+    def mean(self, key: str) -> float:
+        return statistics.fmean(self.values(key))
+
+    def sd(self, key: str) -> float:
+        xs = self.values(key)
+        return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+    @property
+    def time_scale(self) -> float:
+        return float(self.runs[0].metadata.get("time_scale") or 1.0)
+
+    @property
+    def params(self) -> str:
+        p = self.runs[0].metadata.get("params") or {}
+        shown = {k: ("unbounded" if v is None else v) for k, v in p.items()
+                 if k != "lockstep" or v}
+        return ", ".join(f"{k}={v}" for k, v in shown.items())
+
+
+def group_runs(runs: Sequence[RunData]) -> list[Group]:
+    by: dict[tuple[str, str, str], list[RunData]] = defaultdict(list)
+    for r in runs:
+        by[(r.scenario, r.clock, r.strategy)].append(r)
+    groups = [Group(s, c, st, tuple(rs)) for (s, c, st), rs in by.items()]
+    return sorted(groups, key=lambda g: (g.scenario, g.clock != "virtual",
+                                         STRATEGY_ORDER.get(g.strategy, 9), g.strategy))
+
+
+def _baseline(groups: Sequence[Group], g: Group) -> Group | None:
+    for b in groups:
+        if (b.scenario, b.clock, b.strategy) == (g.scenario, g.clock, "batched"):
+            return b
+    return None
+
+
+def _num(g: Group, key: str, digits: int = 1) -> str:
+    m = g.mean(key)
+    if len(g.runs) > 1:
+        return f"{m:.{digits}f} ± {g.sd(key):.{digits}f}"
+    return f"{m:.{digits}f}"
+
+
+def _speedup(groups: Sequence[Group], g: Group) -> str:
+    b = _baseline(groups, g)
+    if b is None or g.mean("makespan_s") <= 0:
+        return "-"
+    return f"{b.mean('makespan_s') / g.mean('makespan_s'):.2f}x"
+
+
+HEADLINE_COLUMNS = ("scenario", "clock", "strategy", "runs", "makespan s", "items/s",
+                    "vs batched", "first vis. s", "p50 vis. s", "p99 vis. s", "efficiency",
+                    "ok/failed")
+
+
+def _row(groups: Sequence[Group], g: Group) -> list[str]:
+    clock = g.clock if g.clock == "virtual" else f"live x{g.time_scale:g}"
+    return [g.scenario, clock, g.strategy, str(len(g.runs)), _num(g, "makespan_s"),
+            _num(g, "throughput_per_s", 2), _speedup(groups, g), _num(g, "first_visible_s"),
+            _num(g, "visible_p50_s"), _num(g, "visible_p99_s"), _num(g, "efficiency", 3),
+            f"{g.mean('ok'):.0f}/{g.mean('failed'):.0f}"]
+
+
+def headline_table(runs: Sequence[RunData]) -> str:
+    """A fixed-width table for the terminal: one row per (scenario, clock, strategy)."""
+    groups = group_runs(runs)
+    rows = [list(HEADLINE_COLUMNS)] + [_row(groups, g) for g in groups]
+    widths = [max(len(r[k]) for r in rows) for k in range(len(HEADLINE_COLUMNS))]
+    lines = []
+    for n, r in enumerate(rows):
+        cells = [c.ljust(w) if k < 3 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths,
+                                                                                  strict=True))]
+        lines.append("  ".join(cells).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join(" --- " if k < 3 else " ---: " for k in range(len(header))) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def _agreement(groups: Sequence[Group], scenario: str) -> list[str]:
+    virtual = {g.strategy: g for g in groups if g.scenario == scenario and g.clock == "virtual"}
+    live = [g for g in groups if g.scenario == scenario and g.clock == "live"]
+    rows = []
+    for g in live:
+        v = virtual.get(g.strategy)
+        if v is None:
+            continue
+        cells = [g.strategy, str(len(g.runs))]
+        for key in ("makespan_s", "visible_p50_s", "visible_p99_s"):
+            vm, lm = v.mean(key), g.mean(key)
+            diff = f"{100 * (lm - vm) / vm:+.1f}%" if vm else "-"
+            cells += [f"{vm:.1f}", f"{_num(g, key)}", diff]
+        rows.append(cells)
+    if not rows:
+        return []
+    header = ["strategy", "live runs", "makespan virtual", "makespan live", "Δ",
+              "p50 virtual", "p50 live", "Δ", "p99 virtual", "p99 live", "Δ"]
+    return ["", f"**Live vs virtual** (live at time_scale {live[0].time_scale:g}, times in "
+                "scenario seconds; the virtual clock predicts the live engine):", "",
+            *_md_table(header, rows)]
+
+
+def write_report(runs: Sequence[RunData], root: Path, path: Path,
+                 plots: dict[str, list[Path]] | None = None, *,
+                 wall_s: float | None = None, extra: Sequence[str] = ()) -> None:
+    """``report.md``: per scenario, per clock, one row per strategy, then live vs virtual."""
+    groups = group_runs(runs)
+    plots = plots or {}
+    first = runs[0].metadata if runs else {}
+    lines = [
+        "# Conveyor benchmark results", "",
+        f"Written by `python -m bench` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from the "
+        f"results files under `{root.name}/`; commit `{first.get('git_commit', git_commit())}`, "
+        f"Python {first.get('python', platform.python_version())}, "
+        f"{first.get('cpus', '?')} CPUs" + (f", {wall_s:.0f} s wall time." if wall_s else "."),
+        "",
+        "All times are in **scenario seconds** since the run started, with every item requested "
+        "at t = 0: live runs sleep each latency x time_scale and their times are divided back, "
+        "so live and virtual runs compare directly. *makespan* = last item visible; *vs batched* "
+        "= batched makespan / this makespan; *first/p50/p99 vis.* = time until an item is "
+        "visible to the user (ok items); *efficiency* = lower bound / makespan, where the lower "
+        "bound is the busiest stage's work divided by its concurrency, or the longest single "
+        "item, whichever is larger (no schedule can beat it). Repeats show mean ± sd.", "",
+    ]
+    bad = [r for r in runs if r.problems]
+    lines += ["## Headline", "", *_md_table(HEADLINE_COLUMNS,
+                                            [_row(groups, g) for g in groups]), ""]
+    for scenario in sorted({g.scenario for g in groups}):
+        lines += [f"## {scenario}", ""]
+        desc = next((r.metadata.get("description") for r in runs
+                     if r.scenario == scenario and r.metadata.get("description")), None)
+        if desc:
+            lines += [f"*{desc}*", ""]
+        stages = next(r.metadata["stages"] for r in runs if r.scenario == scenario)
+        lines += ["Stages: " + " → ".join(f"{s['name']} ({s['concurrency']})" for s in stages)
+                  + f"; {next(r.metadata['items'] for r in runs if r.scenario == scenario)} "
+                  "items.", ""]
+        header = ["clock", "strategy", "params", "runs", "items/s", "makespan s", "vs batched",
+                  "first vis. s", "p50 vis. s", "p90 vis. s", "p99 vis. s", "efficiency",
+                  "ok", "failed"]
+        rows = []
+        for g in groups:
+            if g.scenario != scenario:
+                continue
+            clock = g.clock if g.clock == "virtual" else f"live x {g.time_scale:g}"
+            rows.append([clock, g.strategy, g.params, str(len(g.runs)),
+                         _num(g, "throughput_per_s", 2), _num(g, "makespan_s"),
+                         _speedup(groups, g), _num(g, "first_visible_s"),
+                         _num(g, "visible_p50_s"), _num(g, "visible_p90_s"),
+                         _num(g, "visible_p99_s"), _num(g, "efficiency", 3),
+                         f"{g.mean('ok'):.0f}", f"{g.mean('failed'):.0f}"])
+        lines += _md_table(header, rows)
+        lines += _agreement(groups, scenario)
+        for p in plots.get(scenario, []):
+            rel = p.relative_to(path.parent) if p.is_relative_to(path.parent) else p
+            lines += ["", f"![{p.stem}]({rel.as_posix()})"]
+        lines.append("")
+    for p in plots.get("", []):
+        rel = p.relative_to(path.parent) if p.is_relative_to(path.parent) else p
+        lines += [f"![{p.stem}]({rel.as_posix()})", ""]
+    lines += list(extra)
+    lines += ["## Validation", ""]
+    if bad:
+        lines.append(f"**{len(bad)} of {len(runs)} results files fail bench's own check:**")
+        lines += [f"- `{r.path.name}` ({r.scenario}, {r.clock}): {r.problems[0]}" for r in bad]
+    else:
+        lines.append(f"All {len(runs)} results files pass bench's own check (summary "
+                     "recomputed from the items; per-stage limits, stage order, barriers and "
+                     "visibility checked from the recorded calls).")
+    lines.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines), encoding="utf-8")

@@ -1,0 +1,184 @@
+"""Results files on disk (DESIGN.md section 6): where they go, how they are written and read.
+
+Layout: ``<out>/<scenario>/<strategy>.json`` for a single run, ``<strategy>-rN.json`` (N from 1)
+for repeats. Reports and plots read these files only (never a live run's objects): ``load_runs``
+reduces each file to a small :class:`RunData` -- its metadata, the summary recomputed from its
+items, its validation problems, and the samples plots need -- so a directory of large files is
+read one file at a time.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench._metrics import SUMMARY_KEYS, summarize, validate, visible_ok
+
+__all__ = [
+    "GANTT_ITEMS",
+    "RunData",
+    "git_commit",
+    "load_runs",
+    "read_doc",
+    "result_path",
+    "run_data",
+    "write_doc",
+    "write_summary_csv",
+]
+
+GANTT_ITEMS = 150  #: items kept per run for the stage timeline
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@functools.cache
+def git_commit() -> str:
+    """The commit of the code that ran (``-dirty`` when the work tree has changes)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "") if head else "unknown"
+
+
+def result_path(out: Path, scenario: str, strategy: str, repeat: int | None = None) -> Path:
+    suffix = f"-r{repeat}" if repeat is not None else ""
+    return Path(out) / scenario / f"{strategy}{suffix}.json"
+
+
+def write_doc(doc: Mapping[str, Any], path: Path) -> None:
+    """Write atomically (a reader never sees half a file), compactly (files get large)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(doc, f, separators=(",", ":"), allow_nan=False)
+    tmp.replace(path)
+
+
+def read_doc(path: Path) -> dict[str, Any]:
+    with Path(path).open(encoding="utf-8") as f:
+        doc = json.load(f)
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: not a results document")
+    return doc
+
+
+def is_results_doc(doc: Any) -> bool:
+    return isinstance(doc, dict) and doc.get("version") == 1 and isinstance(
+        doc.get("metadata"), dict) and isinstance(doc.get("items"), list)
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What reports and plots need from one results file."""
+
+    path: Path
+    metadata: Mapping[str, Any]
+    summary: Mapping[str, float | int]  #: recomputed from the items
+    written_summary: Mapping[str, Any]  #: as the file states it
+    problems: tuple[str, ...]  #: from bench's own validation; empty when the file is good
+    visible: np.ndarray  #: sorted visible_at of ok items (scenario seconds)
+    #: first GANTT_ITEMS items: (index, ((stage, start, end), ...), visible_at or None)
+    gantt: tuple[tuple[int, tuple[tuple[str, float, float], ...], float | None], ...]
+
+    @property
+    def scenario(self) -> str:
+        return str(self.metadata["scenario"])
+
+    @property
+    def strategy(self) -> str:
+        return str(self.metadata["strategy"])
+
+    @property
+    def clock(self) -> str:
+        return str(self.metadata["clock"])
+
+    @property
+    def repeat(self) -> int | None:
+        r = self.metadata.get("repeat")
+        return int(r) if r is not None else None
+
+    @property
+    def sweep(self) -> Mapping[str, Any] | None:
+        return self.metadata.get("sweep")
+
+
+def run_data(doc: Mapping[str, Any], path: Path) -> RunData:
+    items = doc["items"]
+    meta = doc["metadata"]
+    gantt = []
+    for it in sorted(items, key=lambda it: it["index"])[:GANTT_ITEMS]:
+        spans = tuple((st["name"], float(st["start"]), float(st["end"])) for st in it["stages"])
+        gantt.append((int(it["index"]), spans, it["visible_at"]))
+    return RunData(path=Path(path), metadata=meta, summary=summarize(items, meta["stages"]),
+                   written_summary=doc.get("summary", {}), problems=tuple(validate(doc)),
+                   visible=visible_ok(items), gantt=tuple(gantt))
+
+
+def load_runs(root: Path, *, include_sweeps: bool = False) -> list[RunData]:
+    """Every results document under ``root`` (other JSON files, e.g. pytest-benchmark's, are
+    skipped), sorted by scenario, clock, strategy and repeat."""
+    runs = []
+    for path in sorted(Path(root).rglob("*.json")):
+        try:
+            doc = read_doc(path)
+        except (OSError, ValueError):
+            continue
+        if not is_results_doc(doc):
+            continue
+        data = run_data(doc, path)
+        if data.sweep is None or include_sweeps:
+            runs.append(data)
+    return sorted(runs, key=sort_key)
+
+
+STRATEGY_ORDER = {"continuous": 0, "parallel-batches": 1, "batched": 2}
+
+
+def sort_key(r: RunData) -> tuple[str, int, int, int, str]:
+    return (r.scenario, 0 if r.clock == "virtual" else 1, STRATEGY_ORDER.get(r.strategy, 9),
+            r.repeat or 0, str(r.path))
+
+
+CSV_FIELDS = ("scenario", "clock", "strategy", "params", "repeat", "seed", "time_scale",
+              "items", *SUMMARY_KEYS, "valid", "path")
+
+
+def summary_rows(runs: Iterable[RunData], root: Path) -> list[dict[str, Any]]:
+    rows = []
+    for r in runs:
+        m = r.metadata
+        row: dict[str, Any] = {
+            "scenario": r.scenario, "clock": r.clock, "strategy": r.strategy,
+            "params": json.dumps(m.get("params"), sort_keys=True), "repeat": r.repeat or "",
+            "seed": m.get("seed"), "time_scale": m.get("time_scale"), "items": m.get("items"),
+        }
+        for k in SUMMARY_KEYS:
+            v = r.summary[k]
+            row[k] = v if isinstance(v, int) else round(float(v), 6)
+        row["valid"] = "yes" if not r.problems else "NO: " + r.problems[0]
+        try:
+            row["path"] = str(r.path.relative_to(root))
+        except ValueError:
+            row["path"] = str(r.path)
+        rows.append(row)
+    return rows
+
+
+def write_summary_csv(runs: Sequence[RunData], root: Path, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        w.writerows(summary_rows(runs, root))
