@@ -24,7 +24,7 @@ from typing import Any
 class Request:
     method: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # names lower-cased
     body: bytes
     client: tuple[str, int]
 
@@ -68,7 +68,8 @@ class ScriptedServer:
 
             def _handle(self) -> None:
                 n = int(self.headers.get("Content-Length") or 0)
-                req = Request(self.command, self.path, dict(self.headers.items()),
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                req = Request(self.command, self.path, headers,
                               self.rfile.read(n) if n else b"", self.client_address)
                 with outer._lock:
                     outer.requests.append(req)

@@ -78,8 +78,8 @@ def test_other_4xx_is_permanent(status: int) -> None:
         assert not isinstance(ei.value, TransientError)
 
 
-def test_body_that_is_not_json_is_permanent_with_the_text() -> None:
-    with pytest.raises(PermanentError, match=r"not JSON.*<html>oops"):
+def test_body_that_is_not_json_is_retryable_with_the_text() -> None:
+    with pytest.raises(TransientError, match=r"not JSON.*<html>oops"):
         call(lambda r: Reply(200, b"<html>oops</html>"))
     with pytest.raises(PermanentError, match="expected a JSON list"):
         call(lambda r: Reply.json({"nothing": 1}))
@@ -124,7 +124,7 @@ def test_errors_never_show_credentials_or_query() -> None:
                           headers={"Authorization": "Bearer tok-123"})
         with fetch, pytest.raises(PermanentError) as ei:
             fetch(1)
-        assert srv.requests[0].headers["Authorization"].startswith("Basic ")  # URL userinfo
+        assert srv.requests[0].headers["authorization"].startswith("Basic ")  # URL userinfo
     text = str(ei.value)
     assert "hunter2" not in text and "sekrit" not in text and "tok-123" not in text
 

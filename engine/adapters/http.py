@@ -20,7 +20,8 @@ Errors (see ``_errors``)
 ------------------------
 * 429, 408 and 5xx -> ``TransientError`` with ``retry_after`` from the ``Retry-After`` header;
 * timeouts, refused/dropped connections, truncated bodies -> ``TransientError``;
-* any other 4xx, a 2xx body that is not JSON -> ``PermanentError``.
+* a 2xx body that is not JSON -> ``TransientError`` (a glitch more often than not);
+* any other 4xx, or JSON of the wrong shape -> ``PermanentError``.
 Use ``RetryPolicy(retry_on=RETRYABLE)`` so permanent errors fail the item without retries.
 Error messages name the method, status and URL path -- never headers (which may hold a token)
 or the query string.
@@ -162,9 +163,12 @@ class HttpFetch:
         try:
             return json.loads(text)
         except ValueError as exc:
-            raise PermanentError(
-                f"GET {_path(url)}: HTTP {status} body is not JSON ({exc}): {truncate(text, 200)}",
-                status=status) from exc
+            # Complete (Content-Length matched) but not JSON: a truncating proxy or a server
+            # glitch far more often than a body that will never parse, so it is retried; a
+            # server that always answers garbage costs `attempts` calls, then the item fails.
+            raise TransientError(
+                f"GET {_path(url)}: HTTP {status} body is not JSON ({exc}): "
+                f"{truncate(text, 200)!r}", status=status) from None
 
 
 def _path(url: str) -> str:
