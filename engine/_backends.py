@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import heapq
 import inspect
 import itertools
@@ -88,10 +89,8 @@ def _worker_loop(
     finally:
         close = getattr(resource, "close", None)
         if callable(close):
-            try:
+            with contextlib.suppress(Exception):  # a failing close must not break shutdown
                 close()
-            except Exception:  # closing a per-worker resource must not break shutdown
-                pass
 
 
 class LiveBackend:
@@ -208,7 +207,7 @@ class VirtualBackend:
         self._limits = [st.concurrency for st in stages]
         self._running = [0] * len(stages)
         self._waiting: list[deque[_Item]] = [deque() for _ in stages]
-        self._sims: list[Callable[..., Simulated]] = [st.fn.simulate for st in stages]
+        self._sims: list[Callable[..., Simulated]] = [st.fn.simulate for st in stages]  # type: ignore[attr-defined]
         self._wants_now = [_accepts_now(f) for f in self._sims]
         self._buckets = [st.rate_limit.bucket(0.0) if st.rate_limit is not None else None
                          for st in stages]

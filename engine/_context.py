@@ -21,7 +21,7 @@ __all__ = ["CallInfo", "Simulated", "SupportsSimulate", "current_call"]
 class CallInfo(NamedTuple):
     """One call of one stage for one item (a named tuple: one is built per simulated call)."""
 
-    index: int  #: the item's position in the input (0-based)
+    index: int  # type: ignore[assignment]  # the item's position in the input (0-based)
     key: Hashable  #: the item's key (``key(item)``, default: its position)
     stage: str  #: the stage's name
     stage_index: int  #: the stage's position in the pipeline (0-based)

@@ -27,7 +27,7 @@ class _Run:
                  cancel: CancelToken | None, clock: Clock) -> None:
         self.strategy = strategy
         self.clock = clock
-        self.started_at = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        self.started_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         self.t0 = time.perf_counter()
         self.token = CancelToken()  # the run's own; the caller's token cancels it, not vice versa
         self.interrupted = False
@@ -127,7 +127,7 @@ class Pipeline:
     def _prepare(self, items: Iterable[Any], strategy: Strategy | None,
                  cancel: CancelToken | None, clock: str) -> _Run:
         if strategy is None:
-            strategy = Continuous()
+            strategy = Continuous()  # type: ignore[assignment]
         if not isinstance(strategy, Continuous | Batched | ParallelBatches):
             raise TypeError(
                 f"strategy: expected Continuous, Batched or ParallelBatches, got {strategy!r}")
@@ -139,7 +139,7 @@ class Pipeline:
             iter(items)
         except TypeError:
             raise TypeError(f"items: expected an iterable, got {items!r}") from None
-        return _Run(self, items, strategy, cancel, clock)  # type: ignore[arg-type]
+        return _Run(self, items, strategy, cancel, clock)
 
     def stream(self, items: Iterable[Any], strategy: Strategy | None = None, *,
                cancel: CancelToken | None = None, clock: Clock = "live") -> Iterator[ItemResult]:
@@ -193,7 +193,7 @@ class Pipeline:
                            run.params, run.clock, wall, run.started_at)
         run.raise_pending()
         if run.interrupted:
-            exc = KeyboardInterrupt()
-            exc.report = report  # type: ignore[attr-defined]
-            raise exc
+            interrupt = KeyboardInterrupt()
+            interrupt.report = report  # type: ignore[attr-defined]
+            raise interrupt
         return report

@@ -65,7 +65,7 @@ class Continuous:
     are unfinished (``None``: no bound). Each item is visible the moment its last stage ends.
     """
 
-    max_in_flight: int | None | _Auto = AUTO
+    max_in_flight: int | _Auto | None = AUTO
     name: str = "continuous"
 
     def __post_init__(self) -> None:
@@ -207,11 +207,13 @@ class _BatchPolicy:
 
     def stage_done(self, item: _Item) -> None:
         batch = item.batch
+        assert batch is not None
         batch.arrived.append(item)
         self._check(batch)
 
     def item_done(self, item: _Item) -> None:
         batch = item.batch
+        assert batch is not None
         batch.active -= 1
         self._check(batch)
 

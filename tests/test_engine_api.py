@@ -17,7 +17,7 @@ CONTRACT = ["Pipeline", "Stage", "Continuous", "Batched", "ParallelBatches", "Re
 
 
 def test_contract_names_importable() -> None:
-    for name in CONTRACT + ["ItemResult", "RunReport", "RateLimit"]:
+    for name in [*CONTRACT, "ItemResult", "RunReport", "RateLimit"]:
         assert name in engine.__all__
         assert getattr(engine, name) is not None
 

@@ -143,7 +143,7 @@ def test_sigint_to_subprocess(strategy: str) -> None:
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     line, threads = out.strip().splitlines()[-2:]
-    word, n, ok, cancelled = line.split()
+    word, n, _ok, cancelled = line.split()
     assert word == "interrupted" and int(n) < 1000 and int(cancelled) > 0
     assert threads == "threads 1"
 

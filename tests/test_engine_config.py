@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import (Batched, Continuous, ParallelBatches, Pipeline, RateLimit, RetryPolicy,
-                    Stage)
+from engine import Batched, Continuous, ParallelBatches, Pipeline, RateLimit, RetryPolicy, Stage
 
 pytestmark = pytest.mark.timeout(10)
 

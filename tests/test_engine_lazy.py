@@ -28,9 +28,7 @@ def test_admission_is_lazy(strategy, bound) -> None:
     pulled: list[int] = []
     gen = Pipeline([Stage("s", lambda x: time.sleep(0.002) or x, 2)]).stream(
         counting(None, pulled), strategy)
-    seen = 0
-    for r in gen:
-        seen += 1
+    for seen, _ in enumerate(gen, start=1):
         # admitted but not handed over: at most `bound` unfinished items plus at most `bound`
         # finished ones waiting for the consumer (one step's worth)
         assert len(pulled) - seen <= 2 * bound

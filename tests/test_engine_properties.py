@@ -14,8 +14,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import (Batched, Continuous, ParallelBatches, Pipeline, RetryPolicy, Simulated,
-                    Stage, current_call)
+from engine import (
+    Batched,
+    Continuous,
+    ParallelBatches,
+    Pipeline,
+    RetryPolicy,
+    Simulated,
+    Stage,
+    current_call,
+)
 from engine_helpers import SHARED_CHECKER, check_report
 
 
@@ -69,7 +77,7 @@ def pipelines(draw, max_items: int = 300, max_limit: int = 20):
     n_stages = draw(st.integers(1, 5))
     stages = []
     for i in range(n_stages):
-        durations = draw(st.lists(st.floats(0.0, 5.0, allow_nan=False), min_size=1,
+        durations = draw(st.lists(st.one_of(st.just(0.0), st.floats(1e-3, 5.0)), min_size=1,
                                   max_size=8))
         fail_every = draw(st.sampled_from([0, 0, 3, 7, 50]))
         retry = draw(st.one_of(st.none(), st.builds(RetryPolicy, attempts=st.integers(1, 3),

@@ -1,6 +1,7 @@
 """Per-stage rate limits: a token bucket consulted before each call, live and virtual."""
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -31,7 +32,7 @@ def test_virtual_rate_limit_spaces_calls() -> None:
         range(21), clock="virtual")
     starts = sorted(r.stages[0].start for r in report.items)
     assert starts[-1] == pytest.approx(2.0)
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert min(gaps) == pytest.approx(0.1)
 
 

@@ -86,13 +86,14 @@ CREATE TABLE IF NOT EXISTS sync_runs (
 );
 CREATE TABLE IF NOT EXISTS sync_failures (
     run_id        bigint NOT NULL REFERENCES sync_runs (run_id) ON DELETE CASCADE,
-    contact_id    bigint NOT NULL,
+    item_key      text NOT NULL,
+    contact_id    bigint,
     status        text NOT NULL,
     stage         text,
     error_type    text,
     message       text,
     recorded_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (run_id, contact_id)
+    PRIMARY KEY (run_id, item_key)
 );
 """
 
@@ -274,19 +275,23 @@ class PostgresStore:
         self.run_id = self.transaction(insert)
         return self.run_id
 
-    def record_failure(self, contact_id: int, status: str, stage: str | None,
+    def record_failure(self, key: str, contact_id: int | None, status: str, stage: str | None,
                        error_type: str | None, message: str | None) -> None:
-        """Record a contact that did not finish in this run (durable, idempotent)."""
+        """Record an item that did not finish in this run (durable, idempotent). ``key``
+        names it even when it has no contact id (an unreadable line of a contacts file)."""
         run_id = self.run_id
+
+        def clean(text: str | None) -> str | None:
+            return None if text is None else text.replace("\x00", "\\x00")
 
         def insert(cur: psycopg2.extensions.cursor) -> None:
             cur.execute(
-                "INSERT INTO sync_failures (run_id, contact_id, status, stage, error_type, "
-                "message) VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (run_id, contact_id) "
-                "DO UPDATE SET status = EXCLUDED.status, stage = EXCLUDED.stage, "
-                "error_type = EXCLUDED.error_type, message = EXCLUDED.message",
-                (run_id, contact_id, status, stage, error_type,
-                 None if message is None else message.replace("\x00", "\\x00")))
+                "INSERT INTO sync_failures (run_id, item_key, contact_id, status, stage, "
+                "error_type, message) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (run_id, item_key) DO UPDATE SET status = EXCLUDED.status, "
+                "stage = EXCLUDED.stage, error_type = EXCLUDED.error_type, "
+                "message = EXCLUDED.message",
+                (run_id, clean(key), contact_id, status, stage, error_type, clean(message)))
 
         self.transaction(insert)
 
