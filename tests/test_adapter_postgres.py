@@ -158,11 +158,14 @@ def test_runs_failures_and_resume_filter(store: PostgresStore, pg_dsn: str) -> N
         store.save(analyzed(cid))
     for cid in (1, 3):
         store.assign(analyzed(cid))
-    store.record_failure(2, "failed", "assign", "TransientError", "boom \x00 nul")
+    store.record_failure("2", 2, "failed", "assign", "TransientError", "boom \x00 nul")
+    store.record_failure("line 9", None, "failed", "fetch", "PermanentError", "bad \xff")
     store.finish_run(status="failed", total=3, ok=2, failed=1, cancelled=0)
     assert rows(pg_dsn, "SELECT status, ok, failed FROM sync_runs WHERE run_id = %s",
                 (run,)) == [("failed", 2, 1)]
-    assert rows(pg_dsn, "SELECT contact_id, stage FROM sync_failures") == [(2, "assign")]
+    assert rows(pg_dsn, "SELECT item_key, contact_id, stage, message FROM sync_failures "
+                        "ORDER BY item_key") == [("2", 2, "assign", "boom \\x00 nul"),
+                                                 ("line 9", None, "fetch", "bad \xff")]
     assert rows(pg_dsn, "SELECT DISTINCT run_id FROM contacts") == [(run,)]
     skipped: list[int] = []
     assert list(store.pending(range(1, 6), key=int, chunk=2, on_skip=skipped.append)) == [2, 4, 5]

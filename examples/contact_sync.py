@@ -1,0 +1,492 @@
+"""Example sync job: every CRM contact -> fetch messages -> LLM analysis -> save -> assign.
+
+    # against real services (config from the environment):
+    DATABASE_URL=postgresql://... MESSAGES_API_URL=https://crm.example.com/api \\
+    OPENAI_BASE_URL=https://api.openai.com/v1 OPENAI_API_KEY=sk-... OPENAI_MODEL=gpt-4o-mini \\
+        python examples/contact_sync.py --contacts 3220 --strategy continuous
+
+    # the whole job on this machine, nothing to set up (fake servers + a throwaway PostgreSQL):
+    python examples/contact_sync.py --demo
+
+Flags: ``--contacts N`` (ids 1..N) or ``--contacts-file F`` (one contact per line: a bare id
+or a JSON object with ``id`` and optional ``name``, ``email`` and other attributes),
+``--strategy continuous|batched|parallel-batches``, ``--resume`` (skip contacts already saved
+and assigned), ``--demo``. Progress goes to stderr, the summary to stdout. Exit status: 0 if
+every contact is ok, 1 if any failed or was cancelled, 2 on a usage or configuration error.
+
+What is guaranteed: each stage call is at-least-once (retried on transient errors), each row is
+exactly-once (upserts keyed by contact id), an ok contact is durable the moment it is reported
+(its assign committed), and every failure is recorded in ``sync_failures`` with its reason, so
+``--resume`` after a crash or a kill redoes exactly the contacts that are not done.
+
+Secrets (the API key, the DSN's password) are never printed: output goes through a redactor
+that replaces them, and the DSN is only ever shown with its password masked.
+
+For the benchmark harness: ``build_pipeline(config, concurrency=..., time_scale=...)`` returns
+a ``SyncJob`` whose ``.pipeline`` is the four-stage engine ``Pipeline`` (items: contact ids or
+``Contact``s; key: the contact id) and whose ``close()`` releases clients and connections.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+if __package__ in (None, ""):  # run as a script from a checkout: make `engine` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine import (  # noqa: E402 -- after the path fix above
+    Batched,
+    CancelToken,
+    Continuous,
+    ItemResult,
+    ParallelBatches,
+    Pipeline,
+    RetryPolicy,
+    Stage,
+)
+from engine.adapters import (  # noqa: E402
+    RETRYABLE,
+    Contact,
+    HttpFetch,
+    LLMAnalyze,
+    PermanentError,
+    PostgresStore,
+    redact_dsn,
+)
+
+__all__ = ["DEFAULT_CONCURRENCY", "BadRecord", "SyncConfig", "SyncJob", "build_pipeline",
+           "main", "read_contacts"]
+
+#: the stage limits of the sync job (DESIGN §1: fetch 50, analyze 50, save 10, assign 10)
+DEFAULT_CONCURRENCY: Mapping[str, int] = {"fetch": 50, "analyze": 50, "save": 10, "assign": 10}
+ENV_VARS = ("DATABASE_URL", "MESSAGES_API_URL", "OPENAI_BASE_URL", "OPENAI_API_KEY",
+            "OPENAI_MODEL")
+
+
+class ConfigError(Exception):
+    """A missing or invalid setting (exit status 2)."""
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    """Where the job's services are. ``repr`` never shows the key or the DSN password."""
+
+    database_url: str = field(repr=False)
+    messages_api_url: str
+    openai_base_url: str
+    openai_api_key: str = field(repr=False)
+    openai_model: str = "gpt-4o-mini"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> SyncConfig:
+        missing = [v for v in ENV_VARS[:4] if not env.get(v)]
+        if missing:
+            raise ConfigError(f"missing environment variable(s): {', '.join(missing)} "
+                              f"(or use --demo)")
+        return cls(env["DATABASE_URL"], env["MESSAGES_API_URL"], env["OPENAI_BASE_URL"],
+                   env["OPENAI_API_KEY"], env.get("OPENAI_MODEL") or "gpt-4o-mini")
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        """The strings that must never be printed."""
+        out = [self.openai_api_key, self.database_url]
+        with contextlib.suppress(Exception):
+            import psycopg2.extensions
+
+            pw = psycopg2.extensions.parse_dsn(self.database_url).get("password")
+            if pw:
+                out.append(pw)
+        return tuple(s for s in out if s)
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecord:
+    """A line of a contacts file that is not a usable contact; it fails with ``reason``."""
+
+    key: str
+    reason: str
+
+
+def item_key(item: Contact | BadRecord | int) -> Any:
+    if isinstance(item, Contact):
+        return item.id
+    if isinstance(item, BadRecord):
+        return item.key
+    return item
+
+
+class SyncJob:
+    """The four-stage pipeline and the clients it owns. ``close()`` (or ``with``) frees them."""
+
+    def __init__(self, config: SyncConfig, *, concurrency: Mapping[str, int] | None = None,
+                 time_scale: float = 1.0, attempts: int = 4,
+                 http_timeout: tuple[float, float] = (3.05, 30.0),
+                 llm_timeout: float = 60.0) -> None:
+        limits = {**DEFAULT_CONCURRENCY, **(concurrency or {})}
+        unknown = set(limits) - set(DEFAULT_CONCURRENCY)
+        if unknown:
+            raise ConfigError(f"concurrency: unknown stage(s) {sorted(unknown)}; expected "
+                              f"{list(DEFAULT_CONCURRENCY)}")
+        self.config = config
+        self.limits = limits
+        self.fetch = HttpFetch(config.messages_api_url, timeout=http_timeout)
+        self.llm = LLMAnalyze(base_url=config.openai_base_url, api_key=config.openai_api_key,
+                              model=config.openai_model, concurrency=limits["analyze"],
+                              timeout=llm_timeout)
+        try:
+            # One pool for both database stages, sized to the sum of their limits.
+            self.store = PostgresStore(config.database_url,
+                                       concurrency=limits["save"] + limits["assign"])
+        except BaseException:
+            self.fetch.close()
+            self.llm.close()
+            raise
+        # Backoff is in engine-clock seconds: a benchmark running its services at time_scale
+        # scales it too. Retry-After hints from the servers are already real seconds.
+        net = RetryPolicy(attempts=attempts, backoff=0.5 * time_scale,
+                          max_backoff=8.0 * time_scale, retry_on=RETRYABLE)
+        db = RetryPolicy(attempts=max(attempts, 6), backoff=0.2 * time_scale,
+                         max_backoff=5.0 * time_scale, retry_on=RETRYABLE)
+        fetch = self.fetch
+
+        def fetch_contact(item: Contact | BadRecord | int) -> Any:
+            if isinstance(item, BadRecord):
+                raise PermanentError(item.reason)
+            return fetch(item)
+
+        self.pipeline = Pipeline([
+            Stage("fetch", fetch_contact, concurrency=limits["fetch"], retry=net),
+            Stage("analyze", self.llm, concurrency=limits["analyze"], retry=net),
+            Stage("save", self.store.save, concurrency=limits["save"], retry=db),
+            Stage("assign", self.store.assign, concurrency=limits["assign"], retry=db),
+        ], key=item_key)
+
+    def close(self) -> None:
+        self.fetch.close()
+        self.llm.close()
+        self.store.close()
+
+    def __enter__(self) -> SyncJob:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_pipeline(config: SyncConfig, *, concurrency: Mapping[str, int] | None = None,
+                   time_scale: float = 1.0, attempts: int = 4,
+                   http_timeout: tuple[float, float] = (3.05, 30.0),
+                   llm_timeout: float = 60.0) -> SyncJob:
+    """The sync job's ``Pipeline`` over real clients, for this CLI and for the benchmark.
+
+    ``concurrency`` overrides the stage limits (``DEFAULT_CONCURRENCY``); ``time_scale``
+    scales retry backoff for services that run at a benchmark's time scale; ``attempts`` is
+    the retry budget of the network stages (the database stages get at least 6). Use::
+
+        with build_pipeline(cfg, time_scale=0.02) as job:
+            report = job.pipeline.run(range(1, 1001), strategy=Continuous())
+    """
+    return SyncJob(config, concurrency=concurrency, time_scale=time_scale, attempts=attempts,
+                   http_timeout=http_timeout, llm_timeout=llm_timeout)
+
+
+# -- input ---------------------------------------------------------------------------------------
+def read_contacts(path: Path) -> Iterator[Contact | BadRecord]:
+    """Contacts from a file, lazily. A line that is not a usable contact becomes a
+    ``BadRecord`` (it fails with its reason and is counted), never a crash."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            key = f"line {n}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield BadRecord(key, f"{path.name}:{n}: not valid UTF-8 ({exc.reason} at byte "
+                                     f"{exc.start})")
+                continue
+            yield _parse_contact(text, key, f"{path.name}:{n}")
+
+
+def _parse_contact(text: str, key: str, where: str) -> Contact | BadRecord:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return BadRecord(key, f"{where}: expected a contact id or a JSON object")
+    if isinstance(data, int) and not isinstance(data, bool):
+        data = {"id": data}
+    if not isinstance(data, dict):
+        return BadRecord(key, f"{where}: expected a contact id or a JSON object")
+    cid = data.get("id")
+    if isinstance(cid, bool) or not isinstance(cid, int) or not 0 < cid < 2**63:
+        return BadRecord(key, f"{where}: 'id' must be a positive integer, got {cid!r}"[:200])
+    fields: dict[str, str | None] = {}
+    for name in ("name", "email"):
+        value = data.get(name)
+        if value is not None and not isinstance(value, str):
+            return BadRecord(key, f"{where}: '{name}' must be a string")
+        if value is not None and "\x00" in value:
+            return BadRecord(key, f"{where}: '{name}' contains a NUL character")
+        fields[name] = value
+    attributes = {k: v for k, v in data.items() if k not in ("id", "name", "email")}
+    return Contact(cid, name=fields["name"], email=fields["email"], attributes=attributes)
+
+
+# -- output --------------------------------------------------------------------------------------
+class Console:
+    """Every line the job prints goes through here, with every secret replaced by ``***``."""
+
+    def __init__(self, secrets: Iterable[str], out: IO[str], err: IO[str],
+                 quiet: bool = False) -> None:
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self.out, self.err, self.quiet = out, err, quiet
+
+    def redact(self, text: str) -> str:
+        for s in self._secrets:
+            text = text.replace(s, "***")
+        return text
+
+    def say(self, text: str = "") -> None:
+        print(self.redact(text), file=self.out, flush=True)
+
+    def note(self, text: str, end: str = "\n") -> None:
+        if not self.quiet:
+            print(self.redact(text), file=self.err, end=end, flush=True)
+
+
+class Progress:
+    """Counts results as they stream by; redraws one status line at most every 0.5 s."""
+
+    def __init__(self, console: Console, total: int | None) -> None:
+        self.console, self.total = console, total
+        self.ok = self.failed = self.cancelled = 0
+        self.t0 = time.perf_counter()
+        self._next = 0.0
+        self._tty = console.err.isatty()
+        self.busy: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.reasons: dict[tuple[str, str, str], int] = {}
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.failed + self.cancelled
+
+    def add(self, r: ItemResult) -> None:
+        if r.status == "ok":
+            self.ok += 1
+        elif r.status == "failed":
+            self.failed += 1
+        else:
+            self.cancelled += 1
+        for span in r.stages:
+            for a in span.attempts:
+                self.busy[span.name] = self.busy.get(span.name, 0.0) + (a.end - a.start)
+                self.calls[span.name] = self.calls.get(span.name, 0) + 1
+        if r.error is not None:
+            msg = r.error.message
+            if isinstance(r.key, int):  # group "contact 7" and "contact 8" under one reason
+                msg = msg.replace(f"/{r.key}/", "/{id}/")
+            reason = (r.error.stage, r.error.type, msg[:160])
+            self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        now = time.perf_counter()
+        if now >= self._next:
+            self._next = now + (0.5 if self._tty else 5.0)
+            self.draw(now)
+
+    def draw(self, now: float, final: bool = False) -> None:
+        elapsed = max(now - self.t0, 1e-9)
+        of = f"/{self.total}" if self.total is not None else ""
+        line = (f"  {self.done}{of} done: ok {self.ok}, failed {self.failed}"
+                f"{f', cancelled {self.cancelled}' if self.cancelled else ''}"
+                f" | {self.done / elapsed:.1f} contacts/s | {elapsed:.1f} s")
+        if self._tty:
+            self.console.note("\r" + line + "\x1b[K", end="\n" if final else "")
+        elif not final:
+            self.console.note(line)
+
+
+# -- the run -------------------------------------------------------------------------------------
+STRATEGIES = ("continuous", "batched", "parallel-batches")
+
+
+def make_strategy(name: str, batch_size: int, lanes: int) -> Any:
+    if name == "batched":
+        return Batched(size=batch_size)
+    if name == "parallel-batches":
+        return ParallelBatches(lanes=lanes, size=batch_size)
+    return Continuous()
+
+
+def run_sync(job: SyncJob, contacts: Iterable[Contact | BadRecord | int], *, strategy: Any,
+             resume: bool, console: Console, total: int | None,
+             cancel: CancelToken | None = None) -> int:
+    """Run the job, record every outcome durably, print the summary; return the exit status."""
+    store = job.store
+    skipped = 0
+
+    def on_skip(_: Any) -> None:
+        nonlocal skipped
+        skipped += 1
+
+    if resume:
+        contacts = store.pending(contacts, key=_resume_key, on_skip=on_skip)
+    run_id = store.start_run(strategy.name, dict(strategy.params))
+    console.note(f"sync run {run_id}: strategy {strategy.name} {dict(strategy.params)}, "
+                 f"limits {job.limits}, database {redact_dsn(job.config.database_url)}")
+    progress = Progress(console, total)
+    status = "running"
+    try:
+        for r in job.pipeline.stream(contacts, strategy=strategy, cancel=cancel):
+            progress.add(r)
+            if r.status != "ok":
+                err = r.error
+                store.record_failure(str(r.key), r.key if isinstance(r.key, int) else None,
+                                     r.status, err.stage if err else None,
+                                     err.type if err else None, err.message if err else None)
+        status = "ok" if progress.failed == progress.cancelled == 0 else "failed"
+    except KeyboardInterrupt:
+        status = "cancelled"
+    finally:
+        progress.draw(time.perf_counter(), final=True)
+        with contextlib.suppress(Exception):
+            store.finish_run(status=status if status != "running" else "crashed",
+                             total=progress.done + skipped, ok=progress.ok,
+                             failed=progress.failed, cancelled=progress.cancelled,
+                             skipped=skipped)
+    summarize(console, job, progress, strategy, skipped, status)
+    if status == "cancelled":
+        return 130
+    return 0 if status == "ok" else 1
+
+
+def _resume_key(item: Contact | BadRecord | int) -> int:
+    if isinstance(item, Contact):
+        return item.id
+    if isinstance(item, int):
+        return item
+    return -1  # a bad record is never "done": it is reported again
+
+
+def summarize(console: Console, job: SyncJob, p: Progress, strategy: Any, skipped: int,
+              status: str) -> None:
+    wall = time.perf_counter() - p.t0
+    console.say(f"contact sync {status}: {p.done} contacts with strategy {strategy.name}"
+                f"{f' ({skipped} skipped: already done)' if skipped else ''}")
+    console.say(f"  ok {p.ok}, failed {p.failed}, cancelled {p.cancelled}")
+    console.say(f"  wall {wall:.2f} s, throughput {p.ok / wall if wall > 0 else 0:.1f} "
+                f"contacts/s")
+    if p.busy:
+        # The busiest stage relative to its slots is the one that bounds throughput.
+        def share(name: str) -> float:
+            return p.busy[name] / (job.limits[name] * wall) if wall > 0 else 0.0
+
+        slow = max(p.busy, key=share)
+        mean = p.busy[slow] / max(p.calls[slow], 1)
+        console.say(f"  slowest stage: {slow} ({share(slow):.0%} of its {job.limits[slow]} "
+                    f"slots busy, {mean * 1000:.0f} ms per call)")
+    if p.reasons:
+        console.say("  failures by reason:")
+        for (stage, kind, msg), n in sorted(p.reasons.items(), key=lambda kv: -kv[1])[:8]:
+            console.say(f"    {n:>5} x {stage} {kind}: {msg}")
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="contact_sync.py",
+        description="Sync CRM contacts: fetch messages, analyze with an LLM, save, assign. "
+                    f"Config from the environment: {', '.join(ENV_VARS)}.")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--contacts", type=_positive_int, metavar="N", help="contact ids 1..N")
+    src.add_argument("--contacts-file", type=Path, metavar="F",
+                     help="one contact per line: an id or a JSON object with 'id'")
+    ap.add_argument("--strategy", choices=STRATEGIES, default="continuous")
+    ap.add_argument("--batch-size", type=_positive_int, default=50, metavar="N")
+    ap.add_argument("--lanes", type=_positive_int, default=3, metavar="N")
+    ap.add_argument("--resume", action="store_true",
+                    help="skip contacts already saved and assigned")
+    ap.add_argument("--demo", action="store_true",
+                    help="start fake servers and a throwaway PostgreSQL, then run against them")
+    ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    args = ap.parse_args(argv)
+    if args.contacts_file is not None and not args.contacts_file.is_file():
+        ap.error(f"--contacts-file: no such file: {args.contacts_file}")
+    if args.contacts is None and args.contacts_file is None:
+        if not args.demo:
+            ap.error("one of --contacts N or --contacts-file F is required")
+        args.contacts = 200
+    return args
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+@contextlib.contextmanager
+def demo_services(console: Console) -> Iterator[SyncConfig]:
+    """Fake messages + OpenAI servers (with some latency and faults) and a throwaway
+    PostgreSQL, all on this machine; torn down on exit."""
+    import secrets as _secrets
+
+    from examples._throwaway_pg import ThrowawayPostgres
+    from simulators.servers import MessagesServer, OpenAIServer, ServerFaults
+
+    faults = ServerFaults(error_rate=0.02, throttle_rate=0.01, drop_rate=0.005, retry_after=0.2)
+    with contextlib.ExitStack() as stack:
+        console.note("demo: starting a throwaway PostgreSQL and the fake servers ...")
+        pg = stack.enter_context(ThrowawayPostgres())
+        msgs = stack.enter_context(MessagesServer(
+            latency={"dist": "lognormal", "median": 0.05, "p99": 0.3}, seed=1, faults=faults))
+        llm = stack.enter_context(OpenAIServer(
+            latency={"dist": "lognormal", "median": 0.1, "p99": 0.6}, seed=2, faults=faults))
+        yield SyncConfig(pg.dsn, msgs.url, llm.url + "/v1", "demo-" + _secrets.token_hex(8),
+                         "gpt-4o-mini")
+
+
+def main(argv: list[str] | None = None, *, env: Mapping[str, str] = os.environ,
+         out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> int:
+    args = parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        plain = Console((), out, err, args.quiet)
+        try:
+            if args.demo:
+                config = stack.enter_context(demo_services(plain))
+            else:
+                config = SyncConfig.from_env(env)
+        except ConfigError as exc:
+            plain.note(f"contact_sync.py: error: {exc}")
+            return 2
+        console = Console(config.secrets, out, err, args.quiet)
+        try:
+            job = stack.enter_context(build_pipeline(config))
+        except Exception as exc:  # unreachable database and the like: one clear line
+            console.note(f"contact_sync.py: error: cannot start: {exc}")
+            return 2
+        if args.contacts_file is not None:
+            contacts: Iterable[Any] = read_contacts(args.contacts_file)
+            total = None
+        else:
+            contacts = range(1, args.contacts + 1)
+            total = args.contacts
+        strategy = make_strategy(args.strategy, args.batch_size, args.lanes)
+        return run_sync(job, contacts, strategy=strategy, resume=args.resume,
+                        console=console, total=total)
+    return 2  # pragma: no cover -- ExitStack does not swallow; keeps type checkers content
+
+
+if __name__ == "__main__":
+    sys.exit(main())
