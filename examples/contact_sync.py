@@ -34,7 +34,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -42,7 +42,7 @@ from typing import IO, Any
 if __package__ in (None, ""):  # run as a script from a checkout: make `engine` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import (  # noqa: E402 -- after the path fix above
+from engine import (
     Batched,
     CancelToken,
     Continuous,
@@ -52,7 +52,7 @@ from engine import (  # noqa: E402 -- after the path fix above
     RetryPolicy,
     Stage,
 )
-from engine.adapters import (  # noqa: E402
+from engine.adapters import (
     RETRYABLE,
     Contact,
     HttpFetch,
