@@ -1,0 +1,102 @@
+"""examples/contact_sync.py end to end: real clients -> fake servers -> real PostgreSQL."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sync_helpers import API_KEY, counts, query, run_main, services
+
+from examples.contact_sync import SyncConfig, main
+
+pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
+
+
+@pytest.mark.parametrize("strategy", ["continuous", "batched", "parallel-batches"])
+def test_every_contact_is_saved_and_assigned_once(pg_dsn: str, strategy: str) -> None:
+    with services(pg_dsn) as cfg:
+        code, out, err = run_main(cfg, "--contacts", "120", "--strategy", strategy,
+                                  "--batch-size", "25")
+    assert code == 0, out + err
+    assert counts(pg_dsn) == {t: (120, 120) for t in ("contacts", "analyses",
+                                                      "pipeline_assignments")}
+    assert "ok 120, failed 0" in out and "throughput" in out and "slowest stage" in out
+    assert query(pg_dsn, "SELECT strategy, status, ok, failed FROM sync_runs") == [
+        (strategy, "ok", 120, 0)]
+    # the fake LLM read the fake messages: stages are the classification, not a constant
+    assert len(query(pg_dsn, "SELECT DISTINCT stage FROM pipeline_assignments")) > 2
+
+
+def test_rerun_overwrites_and_resume_skips(pg_dsn: str) -> None:
+    with services(pg_dsn) as cfg:
+        assert run_main(cfg, "--contacts", "50")[0] == 0
+        assert run_main(cfg, "--contacts", "50")[0] == 0  # a plain rerun: upserts, no dupes
+        code, out, _ = run_main(cfg, "--contacts", "80", "--resume")
+    assert code == 0
+    assert "30 contacts" in out and "50 skipped" in out
+    assert counts(pg_dsn)["pipeline_assignments"] == (80, 80)
+    assert query(pg_dsn, "SELECT count(*) FROM sync_runs WHERE status = 'ok'") == [(3,)]
+
+
+def test_bad_input_fails_per_record_and_the_rest_is_stored_verbatim(
+        pg_dsn: str, tmp_path: Path) -> None:
+    nasty = ["Robert'); DROP TABLE contacts;--", 'O\'Brien "q" \\ %s $1 --', "Zoë 🚀 李"]
+    lines = [json.dumps({"id": i + 1, "name": n, "email": f"{i}@x.io", "tier": "gold"}).encode()
+             for i, n in enumerate(nasty)]
+    lines += [
+        b"4",                                   # a bare id: no name, no email
+        b'{"id": 5}',                           # missing fields
+        b'{"id": 6, "name": "caf\xe9"}',        # not UTF-8
+        b'{"name": "no id"}',                   # missing id
+        b'{"id": "seven"}',                     # wrong type
+        b'{"id": 8, "name": 12}',               # wrong type
+        b'{"id": 9, "name": "nul\\u0000"}',     # NUL cannot be stored
+        b"not json at all",
+        b'{"id": 10, "name": "' + b"n" * (1 << 20) + b'"}',  # a 1 MB name
+    ]
+    f = tmp_path / "contacts.jsonl"
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    with services(pg_dsn) as cfg:
+        code, out, _ = run_main(cfg, "--contacts-file", str(f))
+    assert code == 1
+    assert "ok 6, failed 6" in out, out
+    stored = dict(query(pg_dsn, "SELECT contact_id, name FROM contacts"))
+    assert stored == {1: nasty[0], 2: nasty[1], 3: nasty[2], 4: None, 5: None, 10: "n" * (1 << 20)}
+    assert query(pg_dsn, "SELECT attributes FROM contacts WHERE contact_id = 1") == [
+        ({"tier": "gold"},)]
+    failures = dict(query(pg_dsn, "SELECT item_key, message FROM sync_failures"))
+    assert set(failures) == {"line 6", "line 7", "line 8", "line 9", "line 10", "line 11"}
+    assert "not valid UTF-8" in failures["line 6"]
+    assert "'id' must be a positive integer" in failures["line 7"]
+    assert "'name' must be a string" in failures["line 9"]
+    assert "NUL" in failures["line 10"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--contacts", "0"], ["--contacts", "x"], ["--strategy", "fastest", "--contacts", "3"],
+    ["--contacts", "3", "--contacts-file", "f"], [], ["--contacts-file", "/nonexistent"],
+    ["--bogus"],
+])
+def test_bad_arguments_are_a_usage_error(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as ei:
+        main(argv, env={})
+    assert ei.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_missing_configuration_exits_2_naming_the_variable() -> None:
+    import io
+
+    err = io.StringIO()
+    assert main(["--contacts", "3"], env={"OPENAI_API_KEY": API_KEY}, out=io.StringIO(),
+                err=err) == 2
+    assert "DATABASE_URL" in err.getvalue() and API_KEY not in err.getvalue()
+
+
+def test_unreachable_database_exits_2_without_the_password(pg_dsn: str) -> None:
+    cfg = SyncConfig(pg_dsn.replace("port=", "port=1"), "http://127.0.0.1:9",
+                     "http://127.0.0.1:9/v1", API_KEY)
+    code, out, err = run_main(cfg, "--contacts", "3")
+    password = pg_dsn.split("password=")[1].split()[0]
+    assert code == 2 and "cannot start" in err
+    assert password not in out + err
