@@ -100,6 +100,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: every answer carries Content-Length
     server_version = "ConveyorFake/1.0"
     timeout = 60  # seconds an idle keep-alive connection may stay open
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed ACK
     server: _HTTPServer
 
     def do_GET(self) -> None:
@@ -133,6 +134,7 @@ class _HTTPServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         with self._conn_lock:
             self.connections.add(request)
+            self.app.connections_opened += 1
         super().process_request(request, client_address)
 
     def shutdown_request(self, request: Any) -> None:
@@ -214,8 +216,11 @@ class FakeServer:
         self._stop = threading.Event()
         self._httpd: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
-        #: requests answered, by outcome ("ok", "5xx", "429", "malformed", "drip", "drop", ...)
+        #: requests answered, by outcome ("ok", "5xx", "429", "malformed", "drip", "drop",
+        #: "rate_limited", or the status of an answer sent at once, e.g. "404")
         self.stats: dict[str, int] = {}
+        #: TCP connections accepted (keep-alive clients open few)
+        self.connections_opened = 0
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -364,7 +369,8 @@ class FakeServer:
         if u < edge:
             self._count("malformed")
             good = json.dumps(self.answer(key, request).body).encode()
-            self._send(h, Response(200, good[: max(1, len(good) // 2)] + b"\x00<!--"))
+            # a body cut in half, as from a proxy that dropped the upstream mid-answer
+            self._send(h, Response(200, good[: max(1, len(good) // 2)]))
             return
         edge += f.slow_drip_rate
         if u < edge:
