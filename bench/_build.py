@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
+from bench._results import git_commit
+from bench._scenario import Scenario, StageSpec, StrategySpec
 from engine import (
     Batched,
     Continuous,
@@ -24,12 +26,10 @@ from engine import (
 )
 from simulators import Faults, SimulatedService
 
-from bench._results import git_commit
-from bench._scenario import Scenario, StageSpec, StrategySpec
-
-__all__ = ["build_pipeline", "build_strategy", "run_once"]
+__all__ = ["Clock", "build_pipeline", "build_strategy", "run_once"]
 
 Strategy = Continuous | Batched | ParallelBatches
+Clock = Literal["live", "virtual"]
 
 
 def build_strategy(spec: StrategySpec) -> Strategy:
@@ -49,7 +49,7 @@ def _service(sc: Scenario, st: StageSpec, time_scale: float) -> SimulatedService
     return SimulatedService(st.name, st.latency, faults, seed=sc.seed, time_scale=time_scale)
 
 
-def build_pipeline(sc: Scenario, *, clock: str, time_scale: float | None = None
+def build_pipeline(sc: Scenario, *, clock: Clock, time_scale: float | None = None
                    ) -> tuple[Pipeline, list[SimulatedService]]:
     """The scenario's pipeline of simulated services; ``time_scale`` (default: the scenario's)
     matters for live runs only."""
@@ -71,7 +71,7 @@ def build_pipeline(sc: Scenario, *, clock: str, time_scale: float | None = None
     return Pipeline(stages), services
 
 
-def run_once(sc: Scenario, strategy: str, *, clock: str, time_scale: float | None = None,
+def run_once(sc: Scenario, strategy: str, *, clock: Clock, time_scale: float | None = None,
              repeat: int | None = None, on_result: Callable[[ItemResult], Any] | None = None,
              extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Run one strategy of the scenario and return its results document (DESIGN.md section 6)."""
@@ -82,8 +82,8 @@ def run_once(sc: Scenario, strategy: str, *, clock: str, time_scale: float | Non
         for svc in services:  # outages and rate limits count from the start of the run
             svc.start()
     t0 = time.perf_counter()
-    report = pipeline.run(range(sc.items), build_strategy(spec), on_result=on_result,
-                          clock=clock)  # type: ignore[arg-type]
+    strat: Any = build_strategy(spec)  # engine's Strategy protocol wants a writable .name
+    report = pipeline.run(range(sc.items), strat, on_result=on_result, clock=clock)
     wall = time.perf_counter() - t0
     meta: dict[str, Any] = {
         "scenario": sc.name, "seed": sc.seed, "time_scale": ts, "git_commit": git_commit(),
