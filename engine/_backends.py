@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LiveBackend", "VirtualBackend"]
 
+_new = tuple.__new__  # builds a named tuple without its Python-level __new__ (hot path)
 _WAKE = object()  # wakes the dispatcher (cancellation) without a completion
 _STOP = None  # tells a worker loop to exit
 
@@ -230,7 +231,7 @@ class VirtualBackend:
         bucket = self._buckets[s]
         if bucket is not None:
             t = bucket.reserve(t)
-        call = CallInfo(item.index, item.key, self._names[s], s, item.attempt)
+        call = _new(CallInfo, (item.index, item.key, self._names[s], s, item.attempt))
         if self._wants_now[s]:
             sim = self._sims[s](call, item.value, now=t)
         else:

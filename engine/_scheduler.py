@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Backend", "Scheduler"]
 
+# Records are built on the hot path (one Attempt and one StageSpan per call): tuple.__new__ with
+# the named-tuple class skips the generated Python __new__ and builds the same record.
+_new = tuple.__new__
+
 
 class _Item:
     """The one mutable record of an item in flight (tenacity's RetryCallState, per item)."""
@@ -184,8 +188,8 @@ class Scheduler:
         self.st_wait[s] += start - item.queued_at
         if ok:
             calls = item.calls
-            calls.append(Attempt(start, end))
-            item.spans.append(StageSpan(self.names[s], calls[0].start, end, tuple(calls)))
+            calls.append(_new(Attempt, (start, end, None)))
+            item.spans.append(_new(StageSpan, (self.names[s], calls[0][0], end, tuple(calls))))
             item.calls = []
             item.value = result
             if s == self.last:
@@ -198,7 +202,7 @@ class Scheduler:
                 self.policy.stage_done(item)
             return
         err = ErrorInfo(self.names[s], type(result).__name__, str(result))
-        item.calls.append(Attempt(start, end, err))
+        item.calls.append(_new(Attempt, (start, end, err)))
         self.st_errors[s] += 1
         policy = self.retry[s]
         if (policy is not None and not self.cancel.cancelled

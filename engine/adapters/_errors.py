@@ -19,8 +19,10 @@ from __future__ import annotations
 import email.utils
 import math
 import time
+from collections.abc import Mapping
 
-__all__ = ["RETRYABLE", "AdapterError", "PermanentError", "TransientError", "parse_retry_after"]
+__all__ = ["RETRYABLE", "AdapterError", "PermanentError", "TransientError", "parse_retry_after",
+           "retry_after_from"]
 
 #: the longest ``Retry-After`` honoured, seconds; a longer hint is clipped to this
 MAX_RETRY_AFTER = 120.0
@@ -71,6 +73,18 @@ def parse_retry_after(value: str | None, *, scale: float = 1.0) -> float | None:
     if math.isnan(seconds):
         return None
     return min(max(seconds, 0.0), MAX_RETRY_AFTER) * scale
+
+
+def retry_after_from(headers: Mapping[str, str], *, scale: float = 1.0) -> float | None:
+    """The retry hint of a response: ``retry-after-ms`` (OpenAI's, millisecond precision)
+    when present, else ``Retry-After``."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return parse_retry_after(str(float(ms) / 1000.0), scale=scale)
+        except ValueError:
+            pass
+    return parse_retry_after(headers.get("retry-after"), scale=scale)
 
 
 def truncate(text: str, limit: int = 300) -> str:

@@ -18,7 +18,8 @@ on fresh worker threads do not pile up idle connections.
 
 Errors (see ``_errors``)
 ------------------------
-* 429, 408 and 5xx -> ``TransientError`` with ``retry_after`` from the ``Retry-After`` header;
+* 429, 408 and 5xx -> ``TransientError`` with ``retry_after`` from the ``Retry-After`` header
+  (or ``retry-after-ms``, OpenAI-style millisecond precision, when the server sends it);
 * timeouts, refused/dropped connections, truncated bodies -> ``TransientError``;
 * a 2xx body that is not JSON -> ``TransientError`` (a glitch more often than not);
 * any other 4xx, or JSON of the wrong shape -> ``PermanentError``.
@@ -37,7 +38,7 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
-from ._errors import PermanentError, TransientError, parse_retry_after, truncate
+from ._errors import PermanentError, TransientError, retry_after_from, truncate
 from ._records import Contact, Fetched, contact_id
 
 __all__ = ["HttpFetch"]
@@ -150,8 +151,7 @@ class HttpFetch:
             raise PermanentError(f"GET {_path(url)}: {type(exc).__name__}") from exc
         status = resp.status_code
         if status >= 500 or status in _TRANSIENT_STATUS:
-            retry_after = parse_retry_after(resp.headers.get("Retry-After"),
-                                            scale=self._retry_after_scale)
+            retry_after = retry_after_from(resp.headers, scale=self._retry_after_scale)
             hint = f", retry after {retry_after:g}s" if retry_after is not None else ""
             raise TransientError(f"GET {_path(url)}: HTTP {status} {resp.reason}{hint}",
                                  retry_after=retry_after, status=status)

@@ -20,14 +20,13 @@ The API key is never put in an error message: text coming back from the server i
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from typing import Any, cast
 
 import openai
 
-from ._errors import PermanentError, TransientError, parse_retry_after, truncate
+from ._errors import PermanentError, TransientError, retry_after_from, truncate
 from ._records import PIPELINE_STAGES, Analysis, Analyzed, Fetched, PipelineStage
 
 __all__ = ["ANALYSIS_SCHEMA", "LLMAnalyze", "MalformedOutputError", "parse_analysis"]
@@ -209,16 +208,7 @@ class LLMAnalyze:
         status = exc.status_code
         detail = truncate(self._scrub(exc.message), 200)
         if status in _TRANSIENT_STATUS or status >= 500:
-            headers = exc.response.headers
-            retry_after = None
-            ms = headers.get("retry-after-ms")
-            if ms is not None:
-                with contextlib.suppress(ValueError):
-                    retry_after = parse_retry_after(str(float(ms) / 1000.0),
-                                                    scale=self._retry_after_scale)
-            if retry_after is None:
-                retry_after = parse_retry_after(headers.get("retry-after"),
-                                                scale=self._retry_after_scale)
+            retry_after = retry_after_from(exc.response.headers, scale=self._retry_after_scale)
             hint = f", retry after {retry_after:g}s" if retry_after is not None else ""
             return TransientError(f"chat completion: HTTP {status}{hint}: {detail}",
                                   retry_after=retry_after, status=status)
