@@ -185,3 +185,10 @@ def test_bad_config_is_rejected(kwargs: dict) -> None:
         HttpFetch("http://127.0.0.1:1", **kwargs)
     with pytest.raises(ValueError, match="base_url"):
         HttpFetch("ftp://x")
+
+
+def test_retry_after_ms_wins_when_sent() -> None:
+    headers = {"Retry-After": "1", "retry-after-ms": "50"}
+    with pytest.raises(TransientError) as ei:
+        call(lambda r: Reply(429, b"", headers))
+    assert ei.value.retry_after == pytest.approx(0.05)
