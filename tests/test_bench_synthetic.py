@@ -144,3 +144,49 @@ def test_synthetic_docs_keep_the_contract(tmp_path: Path, strategy: str, error_r
         p.write_text(json.dumps(doc))
         res = run_checker(p)
         assert res.returncode == 0, res.stdout + res.stderr
+
+
+#: a small scenario with every kind of fault, for tests that run the engine (virtual ~0.05 s)
+SMALL_SCENARIO = """\
+# small: every fault kind, a few hundred items
+name = "small"
+description = "a small test scenario"
+items = 150
+seed = 3
+time_scale = 0.004
+
+[[stages]]
+name = "fetch"
+concurrency = 8
+latency = { dist = "mixture", parts = [
+  { weight = 0.95, dist = "lognormal", median = 1.0, p99 = 3.0 },
+  { weight = 0.05, dist = "constant", value = 6.0 } ] }
+errors = { rate = 0.05 }
+retry = { attempts = 3, backoff = 0.5 }
+
+[[stages]]
+name = "analyze"
+concurrency = 6
+latency = { dist = "lognormal", median = 1.0, p99 = 4.0 }
+rate_limit = { per_s = 5, burst = 2 }
+retry = { attempts = 4, backoff = 0.5 }
+
+[[stages]]
+name = "save"
+concurrency = 2
+latency = { dist = "uniform", low = 0.05, high = 0.15 }
+outages = [[5.0, 8.0]]
+timeout = 0.14
+retry = { attempts = 5, backoff = 1.0 }
+
+[strategies]
+continuous = {}
+batched = { size = 20 }
+parallel-batches = { lanes = 2, size = 20 }
+"""
+
+
+def small_scenario(tmp_path: Path) -> Path:
+    p = tmp_path / "small.toml"
+    p.write_text(SMALL_SCENARIO)
+    return p
