@@ -25,7 +25,7 @@ from matplotlib.patches import Patch
 from bench._report import Group, group_runs
 from bench._results import RunData
 
-__all__ = ["plot_dir", "plot_sweep"]
+__all__ = ["plot_dir", "plot_peers", "plot_sweep"]
 
 STRATEGY_COLORS = {"continuous": "tab:green", "parallel-batches": "tab:orange",
                    "batched": "tab:red"}
@@ -237,5 +237,32 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], param: str, path: Path, title:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+PEER_STYLES = {"engine continuous": ("tab:green", "-"), "stagepipe": ("tab:blue", "--"),
+               "pypeln thread": ("tab:purple", "-."), "asyncio + Semaphore": ("tab:olive", ":"),
+               "engine batched": ("tab:red", "-"),
+               "ThreadPoolExecutor batches": ("tab:brown", "--")}
+
+
+def plot_peers(doc: Mapping[str, Any], path: Path) -> Path:
+    """Items visible over time, one line per peer (from the saved peers.json)."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for rec in doc["peers"]:
+        xs = np.sort([v for v, ok in zip(rec["visible"], rec["ok"], strict=True)
+                      if v is not None and ok])
+        color, style = PEER_STYLES.get(rec["peer"], ("tab:gray", "-"))
+        ax.step(np.concatenate([[0.0], xs]), np.arange(xs.size + 1), where="post", color=color,
+                linestyle=style, linewidth=1.6, label=rec["peer"])
+    ax.set_xlabel("time since start (scenario seconds)")
+    ax.set_ylabel("items visible to the user (ok)")
+    ax.set_title(f"{doc['scenario']}: the same workload through peers "
+                 f"({doc['items']} items, live x{doc['time_scale']:g})")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
