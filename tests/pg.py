@@ -8,11 +8,17 @@ skipped silently.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from examples._throwaway_pg import PostgresUnavailable, ThrowawayPostgres
+try:
+    from examples._throwaway_pg import PostgresUnavailable, ThrowawayPostgres
+except ModuleNotFoundError:  # `pytest` run without the checkout on sys.path (`python -m` adds it)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from examples._throwaway_pg import PostgresUnavailable, ThrowawayPostgres
 
 __all__ = ["PostgresUnavailable", "ThrowawayPostgres", "pg_cluster", "pg_dsn"]
 
