@@ -43,6 +43,7 @@ from ._sampling import BLOCK_SHIFT, BlockCache, draw_block
 __all__ = ["SimulatedService"]
 
 _MASK: Final = (1 << BLOCK_SHIFT) - 1
+_new = tuple.__new__
 OK, ERROR, TIMEOUT = 0, 1, 2
 _KINDS = ("ok", "error", "timeout")
 
@@ -217,7 +218,8 @@ class SimulatedService:
         code = blk[1][off]
         if code:
             return Simulated(blk[0][off], None, self._error(code, index, call.attempt))
-        return Simulated(blk[0][off], value)
+        # tuple.__new__ skips the NamedTuple's Python-level __new__: ~0.1 us of a ~0.4 us call
+        return _new(Simulated, (blk[0][off], value, None))
 
     # ------------------------------------------------------------------ live
     def __call__(self, value: Any) -> Any:

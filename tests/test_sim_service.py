@@ -264,4 +264,4 @@ def test_simulate_costs_about_a_microsecond() -> None:
     for svc in fresh:
         for c in calls:
             svc.simulate(c, None)
-    assert time.perf_counter() - t0 < 0.05
+    assert time.perf_counter() - t0 < 0.1  # ~7 ms here; slack for a loaded machine

@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 
 from .._distributions import Distribution, as_distribution
 from .._faults import TokenBucket
@@ -236,7 +236,7 @@ class FakeServer:
             raise RuntimeError("server not started")
         return int(self._httpd.server_address[1])
 
-    def start(self) -> FakeServer:
+    def start(self) -> Self:
         if self._httpd is not None:
             raise RuntimeError("server already started")
         self._stop.clear()
@@ -267,7 +267,7 @@ class FakeServer:
             self._thread.join()
             self._thread = None
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
