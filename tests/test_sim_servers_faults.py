@@ -94,11 +94,11 @@ def test_mixed_rates_are_respected_and_reproducible() -> None:
     faults = ServerFaults(error_rate=0.2, throttle_rate=0.1, malformed_rate=0.1, drop_rate=0.1)
 
     def outcomes() -> list[str]:
-        with MessagesServer(faults=faults, seed=9) as srv:
+        with MessagesServer(faults=faults, seed=9) as srv, requests.Session() as s:
             out = []
             for i in range(400):
                 try:
-                    r = requests.get(f"{srv.url}/contacts/{i}/messages", timeout=5)
+                    r = s.get(f"{srv.url}/contacts/{i}/messages", timeout=5)
                 except requests.ConnectionError:
                     out.append("drop")
                     continue
