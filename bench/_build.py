@@ -8,6 +8,7 @@ recorded times back, so live and virtual documents compare directly.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -78,16 +79,18 @@ def run_once(sc: Scenario, strategy: str, *, clock: Clock, time_scale: float | N
     spec = sc.strategy(strategy)
     ts = (time_scale or sc.time_scale) if clock == "live" else 1.0
     pipeline, services = build_pipeline(sc, clock=clock, time_scale=ts)
+    strat: Any = build_strategy(spec)  # engine's Strategy protocol wants a writable .name
+    load = os.getloadavg()[0]  # other work on the machine skews live runs: record it
     if clock == "live":
         for svc in services:  # outages and rate limits count from the start of the run
             svc.start()
     t0 = time.perf_counter()
-    strat: Any = build_strategy(spec)  # engine's Strategy protocol wants a writable .name
     report = pipeline.run(range(sc.items), strat, on_result=on_result, clock=clock)
     wall = time.perf_counter() - t0
     meta: dict[str, Any] = {
         "scenario": sc.name, "seed": sc.seed, "time_scale": ts, "git_commit": git_commit(),
         "description": sc.description, "source": sc.source, "wall_s": round(wall, 4),
+        "load_avg_1m": round(load, 2),
     }
     if repeat is not None:
         meta["repeat"] = repeat

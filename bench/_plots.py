@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from bench._report import Group, group_runs
+from bench._report import Group, group_runs, scenario_key
 from bench._results import RunData
 
 __all__ = ["plot_dir", "plot_peers", "plot_sweep"]
@@ -172,7 +172,7 @@ def plot_gantt(groups: Sequence[Group], path: Path) -> Path:
 
 
 def plot_speedup(groups: Sequence[Group], path: Path) -> Path | None:
-    scen = sorted({g.scenario for g in groups if g.clock == "virtual"})
+    scen = sorted({g.scenario for g in groups if g.clock == "virtual"}, key=scenario_key)
     table: dict[str, dict[str, float]] = {}
     for s in scen:
         by = {g.strategy: g.mean("makespan_s") for g in groups
@@ -205,7 +205,7 @@ def plot_dir(runs: Sequence[RunData], root: Path) -> dict[str, list[Path]]:
     cross-scenario ones)."""
     groups = group_runs(runs)
     out: dict[str, list[Path]] = {}
-    for scenario in sorted({g.scenario for g in groups}):
+    for scenario in sorted({g.scenario for g in groups}, key=scenario_key):
         gs = [g for g in groups if g.scenario == scenario]
         virtual = [g for g in gs if g.clock == "virtual"] or gs
         d = root / scenario
