@@ -86,6 +86,7 @@ class _Run:
             if not sched.done:
                 self.token.cancel("closed")
                 while not sched.done:
+                    sched.out.clear()  # nobody will read these any more
                     self.backend.step(sched)
         finally:
             self.backend.close()

@@ -85,3 +85,31 @@ def test_virtual_wall_time_is_virtual_makespan() -> None:
     n, stages = _stages()
     report = Pipeline(stages).run(range(n), Batched(size=30), clock="virtual")
     assert report.wall_time == pytest.approx(max(r.visible_at for r in report.items))
+
+
+@pytest.mark.parametrize("strategy", [Continuous(), Batched(size=20),
+                                      ParallelBatches(lanes=3, size=10)],
+                         ids=lambda s: s.name)
+def test_virtual_cancellation_from_a_callback(strategy, tmp_path) -> None:
+    from engine import CancelToken
+    from engine_helpers import check_report, shared_check
+
+    n, stages = _stages()
+    token = CancelToken()
+
+    def on_result(r):
+        if r.index >= 30:
+            token.cancel()
+
+    report = Pipeline(stages).run(range(n), strategy, on_result=on_result, cancel=token,
+                                  clock="virtual")
+    assert report.cancelled > 0 and report.ok >= 1
+    check_report(report, stages, len(report.items))
+    shared_check(report, tmp_path)
+
+
+def test_virtual_stream_closed_early() -> None:
+    n, stages = _stages()
+    gen = Pipeline(stages).stream(range(n), clock="virtual")
+    assert next(gen).status == "ok"
+    gen.close()
