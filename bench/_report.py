@@ -206,6 +206,15 @@ def write_report(runs: Sequence[RunData], root: Path, path: Path,
     for p in plots.get("", []):
         rel = p.relative_to(path.parent) if p.is_relative_to(path.parent) else p
         lines += [f"![{p.stem}]({rel.as_posix()})", ""]
+    sweeps = sorted((root / "sweeps").glob("*/sweep.png"))
+    if sweeps:
+        lines += ["## Sweeps", "", "One parameter at a time on the virtual clock, every strategy "
+                  "at every point (`python -m bench sweep --scenario seed --param PATH=A:B:STEP`;"
+                  " the numbers are in each folder's `sweep.csv`).", ""]
+        for png in sweeps:
+            rel = png.relative_to(path.parent) if png.is_relative_to(path.parent) else png
+            lines += [f"### {png.parent.name.replace('--', ': ')}", "",
+                      f"![{png.parent.name}]({rel.as_posix()})", ""]
     peers = root / "peers" / "peers.md"
     if peers.exists():
         rel = peers.relative_to(path.parent) if peers.is_relative_to(path.parent) else peers
