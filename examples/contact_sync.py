@@ -242,11 +242,19 @@ def _parse_contact(text: str, key: str, where: str) -> Contact | BadRecord:
 
 # -- output --------------------------------------------------------------------------------------
 class Console:
-    """Every line the job prints goes through here, with every secret replaced by ``***``."""
+    """Every line the job prints goes through here, with every secret replaced by ``***``.
+
+    The job never prints a secret itself; this catches secrets that services echo back in
+    error messages. A "secret" shorter than ``MIN_SECRET`` characters (a test key like "k") is
+    not searched for: it would match ordinary words ("ok") and garble the output.
+    """
+
+    MIN_SECRET = 6
 
     def __init__(self, secrets: Iterable[str], out: IO[str], err: IO[str],
                  quiet: bool = False) -> None:
-        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self._secrets = sorted({s for s in secrets if len(s) >= self.MIN_SECRET}, key=len,
+                               reverse=True)
         self.out, self.err, self.quiet = out, err, quiet
 
     def redact(self, text: str) -> str:
@@ -263,7 +271,12 @@ class Console:
 
 
 class Progress:
-    """Counts results as they stream by; redraws one status line at most every 0.5 s."""
+    """Counts results as they stream by; redraws one status line at most every 0.5 s.
+
+    Keeps counters only (per stage, and at most ``MAX_REASONS`` distinct failure reasons):
+    memory does not grow with the number of contacts."""
+
+    MAX_REASONS = 200
 
     def __init__(self, console: Console, total: int | None) -> None:
         self.console, self.total = console, total
@@ -295,6 +308,8 @@ class Progress:
             if isinstance(r.key, int):  # group "contact 7" and "contact 8" under one reason
                 msg = msg.replace(f"/{r.key}/", "/{id}/")
             reason = (r.error.stage, r.error.type, msg[:160])
+            if reason not in self.reasons and len(self.reasons) >= self.MAX_REASONS:
+                reason = (r.error.stage, r.error.type, "(other reasons)")  # memory stays O(1)
             self.reasons[reason] = self.reasons.get(reason, 0) + 1
         now = time.perf_counter()
         if now >= self._next:
