@@ -275,7 +275,9 @@ def run_peers(sc: Scenario, *, items: int | None, time_scale: float | None, out:
         print(f"[{k}/{len(PEERS)}] {peer}: makespan {s['makespan_s']:.1f} s, p50 visible "
               f"{s['visible_p50_s']:.1f} s, ok {s['ok']}, failed {s['failed']} "
               f"({s['wall_s']:.1f} s)")
-    doc = {"version": 1, "scenario": sc.name, "items": n, "time_scale": ts, "seed": sc.seed,
+    # "format", not "version": this is not a results document of DESIGN.md section 6
+    doc = {"format": "conveyor-peers/1", "scenario": sc.name, "items": n, "time_scale": ts,
+           "seed": sc.seed,
            "stages": [{"name": st.name, "concurrency": st.concurrency} for st in sc.stages],
            "peers": records}
     (out / "peers.json").write_text(json.dumps(doc, separators=(",", ":")), encoding="utf-8")
