@@ -22,9 +22,19 @@ exactly-once (upserts keyed by contact id), an ok contact is durable the moment 
 Secrets (the API key, the DSN's password) are never printed: output goes through a redactor
 that replaces them, and the DSN is only ever shown with its password masked.
 
-For the benchmark harness: ``build_pipeline(config, concurrency=..., time_scale=...)`` returns
-a ``SyncJob`` whose ``.pipeline`` is the four-stage engine ``Pipeline`` (items: contact ids or
-``Contact``s; key: the contact id) and whose ``close()`` releases clients and connections.
+For the benchmark harness (the ``live-services`` scenario)::
+
+    from examples.contact_sync import build_pipeline, local_services
+    with local_services(fetch_latency=..., analyze_latency=..., faults=None, seed=7,
+                        time_scale=ts) as cfg, \
+            build_pipeline(cfg, concurrency={"fetch": 50, ...}, time_scale=ts) as job:
+        report = job.pipeline.run(range(1, 1001), strategy=Batched(size=50))
+
+``build_pipeline`` returns a ``SyncJob`` whose ``.pipeline`` is the four-stage engine
+``Pipeline`` (items: contact ids or ``Contact``s; key: the contact id) and whose ``close()``
+releases clients and connections; ``local_services`` starts the fake servers and a throwaway
+PostgreSQL (in this process: for CPU measurements start the servers in their own processes with
+``python -m simulators.servers`` and build a ``SyncConfig`` by hand).
 """
 from __future__ import annotations
 
@@ -63,7 +73,7 @@ from engine.adapters import (
 )
 
 __all__ = ["DEFAULT_CONCURRENCY", "BadRecord", "SyncConfig", "SyncJob", "build_pipeline",
-           "main", "read_contacts"]
+           "local_services", "main", "read_contacts", "run_sync"]
 
 #: the stage limits of the sync job (DESIGN §1: fetch 50, analyze 50, save 10, assign 10)
 DEFAULT_CONCURRENCY: Mapping[str, int] = {"fetch": 50, "analyze": 50, "save": 10, "assign": 10}
@@ -451,23 +461,37 @@ def _positive_int(text: str) -> int:
     return n
 
 
+#: the demo's services: tens of milliseconds per call, a few percent of faults
+DEMO_FETCH_LATENCY = {"dist": "lognormal", "median": 0.05, "p99": 0.3}
+DEMO_ANALYZE_LATENCY = {"dist": "lognormal", "median": 0.1, "p99": 0.6}
+
+
 @contextlib.contextmanager
-def demo_services(console: Console) -> Iterator[SyncConfig]:
-    """Fake messages + OpenAI servers (with some latency and faults) and a throwaway
-    PostgreSQL, all on this machine; torn down on exit."""
+def local_services(*, fetch_latency: Any = DEMO_FETCH_LATENCY,
+                   analyze_latency: Any = DEMO_ANALYZE_LATENCY, faults: Any = "demo",
+                   seed: int = 1, time_scale: float = 1.0,
+                   console: Console | None = None) -> Iterator[SyncConfig]:
+    """Everything the job needs, on this machine: the simulators' fake messages and OpenAI
+    servers (latency specs in scenario seconds, slept ``* time_scale``; ``faults`` a
+    ``simulators.servers.ServerFaults``, None, or "demo" for a few percent of 5xx, 429 and
+    dropped connections) and a throwaway PostgreSQL. Yields the ``SyncConfig`` pointing at
+    them; stops and deletes everything on exit. Used by ``--demo`` and by the benchmark."""
     import secrets as _secrets
 
     from examples._throwaway_pg import ThrowawayPostgres
     from simulators.servers import MessagesServer, OpenAIServer, ServerFaults
 
-    faults = ServerFaults(error_rate=0.02, throttle_rate=0.01, drop_rate=0.005, retry_after=0.2)
+    if faults == "demo":
+        faults = ServerFaults(error_rate=0.02, throttle_rate=0.01, drop_rate=0.005,
+                              retry_after=0.2)
     with contextlib.ExitStack() as stack:
-        console.note("demo: starting a throwaway PostgreSQL and the fake servers ...")
+        if console is not None:
+            console.note("starting a throwaway PostgreSQL and the fake servers ...")
         pg = stack.enter_context(ThrowawayPostgres())
-        msgs = stack.enter_context(MessagesServer(
-            latency={"dist": "lognormal", "median": 0.05, "p99": 0.3}, seed=1, faults=faults))
-        llm = stack.enter_context(OpenAIServer(
-            latency={"dist": "lognormal", "median": 0.1, "p99": 0.6}, seed=2, faults=faults))
+        msgs = stack.enter_context(MessagesServer(latency=fetch_latency, seed=seed,
+                                                  time_scale=time_scale, faults=faults))
+        llm = stack.enter_context(OpenAIServer(latency=analyze_latency, seed=seed + 1,
+                                               time_scale=time_scale, faults=faults))
         yield SyncConfig(pg.dsn, msgs.url, llm.url + "/v1", "demo-" + _secrets.token_hex(8),
                          "gpt-4o-mini")
 
@@ -479,7 +503,7 @@ def main(argv: list[str] | None = None, *, env: Mapping[str, str] = os.environ,
         plain = Console((), out, err, args.quiet)
         try:
             if args.demo:
-                config = stack.enter_context(demo_services(plain))
+                config = stack.enter_context(local_services(console=plain))
             else:
                 config = SyncConfig.from_env(env)
         except ConfigError as exc:

@@ -100,3 +100,26 @@ def test_unreachable_database_exits_2_without_the_password(pg_dsn: str) -> None:
     password = pg_dsn.split("password=")[1].split()[0]
     assert code == 2 and "cannot start" in err
     assert password not in out + err
+
+
+@pytest.mark.timeout(120)
+def test_demo_runs_the_whole_job_and_cleans_up() -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "contact_sync.py"
+    tmp = Path(tempfile.mkdtemp(prefix="demo-tmp-"))
+    tmp.chmod(0o755)  # the cluster's unprivileged user must reach its dir inside
+    try:
+        proc = subprocess.run([sys.executable, str(script), "--demo", "--contacts", "80"],
+                              capture_output=True, text=True, timeout=100,
+                              env={**os.environ, "TMPDIR": str(tmp)})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "ok 80, failed 0" in proc.stdout and "throughput" in proc.stdout
+        assert "password=***" in proc.stderr and "demo-" not in proc.stdout + proc.stderr
+        assert list(tmp.iterdir()) == []  # the throwaway cluster is gone
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
