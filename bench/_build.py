@@ -79,7 +79,7 @@ def run_once(sc: Scenario, strategy: str, *, clock: Clock, time_scale: float | N
     spec = sc.strategy(strategy)
     ts = (time_scale or sc.time_scale) if clock == "live" else 1.0
     pipeline, services = build_pipeline(sc, clock=clock, time_scale=ts)
-    strat: Any = build_strategy(spec)  # engine's Strategy protocol wants a writable .name
+    strat = build_strategy(spec)
     load = os.getloadavg()[0]  # other work on the machine skews live runs: record it
     if clock == "live":
         for svc in services:  # outages and rate limits count from the start of the run

@@ -196,7 +196,7 @@ def _peer_engine(strategy: str) -> Callable[[Scenario, int, float, Callable[[int
         pipeline, services = build_pipeline(sc, clock="live", time_scale=ts)
         for svc in services:
             svc.start()
-        strat: Any = build_strategy(sc.strategy(strategy))
+        strat = build_strategy(sc.strategy(strategy))
         pipeline.run(range(n), strat, on_result=lambda r: mark(r.index, r.status == "ok"),
                      clock="live")
     return run

@@ -51,7 +51,6 @@ def _worker_loop(
     outbox: queue.SimpleQueue[Any],
     cancel: Any,
     bucket: TokenBucket | None,
-    base: float,
 ) -> None:
     """One slot of a stage: take the next queued item, call, report. Runs until _STOP."""
     get, put, clock, sleep = inbox.get, outbox.put, time.perf_counter, time.sleep
@@ -74,7 +73,7 @@ def _worker_loop(
                 put((item, now, now, None, None))
                 continue
             if bucket is not None:
-                wait = bucket.reserve(clock() - base) + base - clock()
+                wait = bucket.reserve(clock()) - clock()
                 if wait > 0:
                     sleep(wait)
             _local.call = (item.index, item.key, name, stage_index, item.attempt)
@@ -98,7 +97,6 @@ class LiveBackend:
     """Real time on worker threads (and relays to process pools or other executors)."""
 
     def __init__(self, stages: tuple[Stage, ...], cancel: Any) -> None:
-        self.base = time.perf_counter()
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._timers: list[tuple[float, int, _Item]] = []
         self._seq = itertools.count()
@@ -114,6 +112,9 @@ class LiveBackend:
         except BaseException:
             self.close()
             raise
+        # the run's clock starts once every worker thread exists (creating 100+ threads takes
+        # tens of ms on a loaded machine: that is set-up, not scheduling)
+        self.base = time.perf_counter()
 
     def _start_stage(self, i: int, st: Stage) -> None:
         inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -130,10 +131,10 @@ class LiveBackend:
             call = _relay(ex, st.fn)
         elif isinstance(st.executor, concurrent.futures.Executor):
             call = _relay(st.executor, st.fn)
-        bucket = st.rate_limit.bucket(0.0) if st.rate_limit is not None else None
+        bucket = (st.rate_limit.bucket(time.perf_counter()) if st.rate_limit is not None
+                  else None)
         for _ in range(st.concurrency):
-            pool.submit(_worker_loop, i, st, call, inbox, self._outbox, self._cancel, bucket,
-                        self.base)
+            pool.submit(_worker_loop, i, st, call, inbox, self._outbox, self._cancel, bucket)
 
     def now(self) -> float:
         return time.perf_counter() - self.base

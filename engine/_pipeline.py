@@ -126,9 +126,9 @@ class Pipeline:
         return f"Pipeline([{inner}])"
 
     def _prepare(self, items: Iterable[Any], strategy: Strategy | None,
-                 cancel: CancelToken | None, clock: str) -> _Run:
+                 cancel: CancelToken | None, clock: Clock) -> _Run:
         if strategy is None:
-            strategy = Continuous()  # type: ignore[assignment]
+            strategy = Continuous()
         if not isinstance(strategy, Continuous | Batched | ParallelBatches):
             raise TypeError(
                 f"strategy: expected Continuous, Batched or ParallelBatches, got {strategy!r}")

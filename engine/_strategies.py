@@ -49,7 +49,8 @@ class Policy(Protocol):
 
 
 class Strategy(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     @property
     def params(self) -> Mapping[str, Any]: ...
