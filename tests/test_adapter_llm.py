@@ -201,3 +201,21 @@ def test_parse_analysis_returns_a_valid_result_or_one_clear_error(raw: str) -> N
         return
     assert a.stage in PIPELINE_STAGES and 0 <= a.score <= 1 and isinstance(a.summary, str)
     assert "\n" not in a.summary
+
+
+def test_a_callers_client_is_used_with_its_retries_off() -> None:
+    import openai
+
+    calls: list[int] = []
+
+    def reply(req: Request) -> Reply:
+        calls.append(1)
+        return Reply.json({"error": {"message": "busy"}}, 503)
+
+    with ScriptedServer(reply) as srv:
+        client = openai.OpenAI(api_key=KEY, base_url=srv.url + "/v1", max_retries=5)
+        llm = LLMAnalyze(base_url="unused", api_key=KEY, model="m", client=client)
+        with pytest.raises(TransientError):
+            llm(FETCHED)
+        client.close()
+    assert len(calls) == 1

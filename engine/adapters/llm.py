@@ -96,6 +96,7 @@ class LLMAnalyze:
     ``timeout`` is seconds per request. ``concurrency`` (the stage limit) sizes the client's
     connection pool. ``max_input_chars`` caps the messages text sent per contact (a 1 MB message
     body is cut, not sent). ``retry_after_scale`` multiplies the server's retry hint.
+    ``client`` replaces the built-in client (its retries are turned off all the same).
     """
 
     def __init__(
@@ -128,6 +129,8 @@ class LLMAnalyze:
                 api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0,
                 http_client=openai.DefaultHttpxClient(limits=limits, timeout=timeout),
             )
+        else:  # a caller's client: keep its settings, but never let it retry on its own
+            client = client.with_options(max_retries=0)
         self._client = client
         self._response_format: Any = {
             "type": "json_schema",
