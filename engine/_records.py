@@ -107,7 +107,12 @@ def percentile(sorted_xs: Sequence[float], q: float) -> float:
 
 
 def summarize(items: Sequence[Mapping[str, Any]], limits: Mapping[str, int]) -> dict[str, Any]:
-    """The §6 summary, computed from item documents only (``to_json()["items"]``)."""
+    """The §6 summary, computed from item documents only (``to_json()["items"]``).
+
+    Undefined values (nothing visible, no ok item) are 0, so every field is a number. The
+    harness (``bench._metrics``) recomputes the same summary independently, with numpy, to
+    verify what the engine wrote.
+    """
     counts = {"ok": 0, "failed": 0, "cancelled": 0}
     visible_ok: list[float] = []
     visible_any: list[float] = []
@@ -130,19 +135,19 @@ def summarize(items: Sequence[Mapping[str, Any]], limits: Mapping[str, int]) -> 
     lower = max([busy[n] / limits[n] for n in busy] + [chain_max, 0.0])
     xs = sorted(visible_ok)
 
-    def pct(q: float) -> float | None:
-        return percentile(xs, q) if xs else None
+    def pct(q: float) -> float:
+        return percentile(xs, q) if xs else 0.0
 
     return {
         "makespan_s": makespan,
         "throughput_per_s": counts["ok"] / makespan if makespan > 0 else 0.0,
         "lower_bound_s": lower,
         "efficiency": lower / makespan if makespan > 0 else 0.0,
-        "first_visible_s": xs[0] if xs else None,
+        "first_visible_s": xs[0] if xs else 0.0,
         "visible_p50_s": pct(50),
         "visible_p90_s": pct(90),
         "visible_p99_s": pct(99),
-        "visible_max_s": xs[-1] if xs else None,
+        "visible_max_s": xs[-1] if xs else 0.0,
         **counts,
     }
 
