@@ -123,3 +123,29 @@ def test_demo_runs_the_whole_job_and_cleans_up() -> None:
         assert list(tmp.iterdir()) == []  # the throwaway cluster is gone
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_huge_and_non_utf8_message_bodies_flow_through(pg_dsn: str) -> None:
+    from http_script import Reply, Request, ScriptedServer
+
+    from simulators.servers import OpenAIServer
+
+    big = "b" * (1 << 20)
+
+    def messages(req: Request) -> Reply:
+        cid = int(req.path.split("/")[2])
+        if cid % 3 == 0:  # a 1 MB message body
+            return Reply.json([{"body": "We signed the contract. " + big}])
+        if cid % 3 == 1:  # bytes that are not UTF-8 inside the JSON
+            return Reply(200, b'[{"body": "caf\xe9 \xff please send a quote"}]',
+                         {"Content-Type": "application/json"})
+        return Reply.json([])  # no messages at all
+
+    with ScriptedServer(messages) as msgs, OpenAIServer(seed=2) as llm:
+        cfg = SyncConfig(pg_dsn, msgs.url, llm.url + "/v1", API_KEY)
+        code, out, err = run_main(cfg, "--contacts", "30")
+    assert code == 0, out + err
+    stages = dict(query(pg_dsn, "SELECT contact_id, stage FROM pipeline_assignments"))
+    assert len(stages) == 30
+    assert stages[3] == "won" and stages[1] == "proposal" and stages[2] == "lead"
+    assert query(pg_dsn, "SELECT message_count FROM contacts WHERE contact_id = 2") == [(0,)]
