@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["LiveBackend", "VirtualBackend"]
 
+_heappush = heapq.heappush
 _new = tuple.__new__  # builds a named tuple without its Python-level __new__ (hot path)
 _WAKE = object()  # wakes the dispatcher (cancellation) without a completion
 _STOP = None  # tells a worker loop to exit
@@ -227,7 +228,7 @@ class VirtualBackend:
         self._running[s] += 1
         t = self.t
         if self._cancel.cancelled:
-            heapq.heappush(self._heap, (t, next(self._seq), item, t, None))
+            _heappush(self._heap, (t, next(self._seq), item, t, None))
             return
         bucket = self._buckets[s]
         if bucket is not None:
@@ -237,7 +238,7 @@ class VirtualBackend:
             sim = self._sims[s](call, item.value, now=t)
         else:
             sim = self._sims[s](call, item.value)
-        heapq.heappush(self._heap, (t + sim[0], next(self._seq), item, t, sim))
+        _heappush(self._heap, (t + sim[0], next(self._seq), item, t, sim))
 
     def call_later(self, delay: float, item: _Item) -> None:
         heapq.heappush(self._heap, (self.t + delay, next(self._seq), item, None, None))

@@ -107,6 +107,8 @@ class Scheduler:
 
     def attach(self, backend: Backend) -> None:
         self.backend = backend
+        self._now = backend.now  # bound once: _submit runs for every call
+        self._send = backend.submit
 
     # -- state the loop reads ------------------------------------------------------------------
     @property
@@ -147,17 +149,16 @@ class Scheduler:
         """Queue ``item`` for ``stage`` (its first attempt there)."""
         item.stage = stage
         item.attempt = 1
-        item.calls = []
         self._submit(item)
 
     def _submit(self, item: _Item) -> None:
         s = item.stage
-        n = self.in_flight[s] + 1
-        self.in_flight[s] = n
+        in_flight = self.in_flight
+        n = in_flight[s] = in_flight[s] + 1
         if n > self.peak[s]:
             self.peak[s] = n
-        item.queued_at = self.backend.now()
-        self.backend.submit(s, item)
+        item.queued_at = self._now()
+        self._send(s, item)
 
     def drop(self, item: _Item) -> None:
         """End ``item`` as cancelled without telling the policy (it is the one asking)."""
@@ -188,9 +189,14 @@ class Scheduler:
         self.st_wait[s] += start - item.queued_at
         if ok:
             calls = item.calls
-            calls.append(_new(Attempt, (start, end, None)))
-            item.spans.append(_new(StageSpan, (self.names[s], calls[0][0], end, tuple(calls))))
-            item.calls = []
+            if calls:  # earlier attempts failed
+                calls.append(_new(Attempt, (start, end, None)))
+                item.spans.append(_new(StageSpan, (self.names[s], calls[0][0], end,
+                                                   tuple(calls))))
+                item.calls = []
+            else:
+                item.spans.append(_new(StageSpan, (self.names[s], start, end,
+                                                   (_new(Attempt, (start, end, None)),))))
             item.value = result
             if s == self.last:
                 item.status = "ok"
