@@ -334,7 +334,7 @@ class Progress:
                 f" | {self.done / elapsed:.1f} contacts/s | {elapsed:.1f} s")
         if self._tty:
             self.console.note("\r" + line + "\x1b[K", end="\n" if final else "")
-        elif not final:
+        else:
             self.console.note(line)
 
 
@@ -367,7 +367,7 @@ def run_sync(job: SyncJob, contacts: Iterable[Contact | BadRecord | int], *, str
     console.note(f"sync run {run_id}: strategy {strategy.name} {dict(strategy.params)}, "
                  f"limits {job.limits}, database {redact_dsn(job.config.database_url)}")
     progress = Progress(console, total)
-    status = "running"
+    status = "crashed"  # until the loop ends one way or another
     try:
         for r in job.pipeline.stream(contacts, strategy=strategy, cancel=cancel):
             progress.add(r)
@@ -379,10 +379,13 @@ def run_sync(job: SyncJob, contacts: Iterable[Contact | BadRecord | int], *, str
         status = "ok" if progress.failed == progress.cancelled == 0 else "failed"
     except KeyboardInterrupt:
         status = "cancelled"
+    except Exception as exc:  # the input or the bookkeeping failed (e.g. the database is gone)
+        status = "crashed"
+        console.note(f"contact_sync.py: error: the run stopped: {type(exc).__name__}: {exc}")
     finally:
         progress.draw(time.perf_counter(), final=True)
         with contextlib.suppress(Exception):
-            store.finish_run(status=status if status != "running" else "crashed",
+            store.finish_run(status=status,
                              total=progress.done + skipped, ok=progress.ok,
                              failed=progress.failed, cancelled=progress.cancelled,
                              skipped=skipped)
