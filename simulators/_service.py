@@ -73,7 +73,7 @@ class SimulatedService:
         seed: int = 0,
         time_scale: float = 1.0,
         *,
-        max_blocks: int = 64,
+        max_blocks: int = 16,
         sleep: Callable[[float], Any] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
