@@ -7,6 +7,7 @@
     python -m bench plot DIR
     python -m bench list
     python -m bench peers --scenario seed
+    python -m bench live-services [--items N] [--strategies A,B] [--time-scale X] [--out DIR]
 
 Exit status: 0 on success, 1 when a run failed or a results file fails validation, 2 on a usage
 error or an invalid scenario file (one line naming the file and the field).
@@ -136,6 +137,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sleep latency x X (default: the scenario's time_scale)")
     peers.add_argument("--out", type=Path, default=DEFAULT_OUT / "peers", metavar="DIR",
                        help="where peers.csv and peers.md go (default: results/peers)")
+
+    ls = sub.add_parser("live-services",
+                        help="the example sync job on real clients (requests, openai) against "
+                             "the fake servers and a throwaway PostgreSQL 15; not part of the "
+                             "default suite")
+    ls.add_argument("--items", type=_positive_int, default=None, metavar="N",
+                    help="contacts 1..N (default: 1000)")
+    ls.add_argument("--strategies", type=_strategies, metavar="A,B,...",
+                    help="default: continuous,batched,parallel-batches")
+    ls.add_argument("--time-scale", type=_positive_float, metavar="X",
+                    help="sleep the injected latency x X (default: the module's, see "
+                         "bench/_live_services.py)")
+    ls.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
+                    help="results go to DIR/live-services/ (default: results)")
+    ls.add_argument("--no-plots", action="store_true", help="skip the plots")
     return p
 
 
@@ -315,7 +331,46 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"{'':<18} {sc.description}")
         print(f"{'':<18} strategies: {', '.join(s.name for s in sc.strategies)}; "
               f"file: {builtin_path(name)}")
+    print(f"{'live-services':<18} {1000:>6} items  fetch(50) -> analyze(50) -> save(10) -> "
+          "assign(10)")
+    print(f"{'':<18} the sync job on real clients: fake messages/OpenAI servers on loopback "
+          "(300/500 ms medians, 2% at 10x) into a throwaway PostgreSQL 15")
+    print(f"{'':<18} strategies: continuous, batched, parallel-batches; not a scenario file "
+          "(needs PostgreSQL, not in the default suite): python -m bench live-services")
     return 0
+
+
+def cmd_live_services(args: argparse.Namespace) -> int:
+    from bench._live_report import live_rows
+    from bench._live_services import (
+        DEFAULT_ITEMS,
+        DEFAULT_TIME_SCALE,
+        LiveServicesSpec,
+        run_live_services,
+    )
+    from bench._progress import Progress
+    from bench._results import load_runs
+
+    t0 = time.perf_counter()
+    spec = LiveServicesSpec(items=args.items or DEFAULT_ITEMS,
+                            time_scale=args.time_scale or DEFAULT_TIME_SCALE)
+    names = args.strategies or ["continuous", "batched", "parallel-batches"]
+    outcomes, report = run_live_services(spec, strategies=names, out=args.out,
+                                         progress=Progress(len(names)), plots=not args.no_plots)
+    if report is not None:
+        rows = live_rows(load_runs(report.parent))
+        print(f"\n{'strategy':<18}{'items/s':>9}{'makespan s':>12}{'efficiency':>12}"
+              f"{'vs batched':>12}{'vs par.-b.':>12}{'CPU s':>8}")
+        for r in rows:
+            vb, vp = r["vs_batched"], r["vs_parallel_batches"]
+            cpu = (r["cpu_s"] or {}).get("total")
+            print(f"{r['strategy']:<18}{r['throughput_per_s']:>9.2f}{r['makespan_s']:>12.1f}"
+                  f"{r['efficiency']:>12.3f}{f'{vb:.2f}x' if vb else '-':>12}"
+                  f"{f'{vp:.2f}x' if vp else '-':>12}"
+                  f"{f'{cpu:.1f}' if cpu is not None else '-':>8}")
+        print(f"\nwrote {report} (live-services: {len(outcomes)} runs in "
+              f"{time.perf_counter() - t0:.0f} s)")
+    return 0 if outcomes and all(o.ok for o in outcomes) else 1
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -330,7 +385,8 @@ class _UsageError(Exception):
 
 
 COMMANDS = {None: cmd_default, "run": cmd_run, "sweep": cmd_sweep, "compare": cmd_compare,
-            "plot": cmd_plot, "list": cmd_list, "peers": cmd_peers}
+            "plot": cmd_plot, "list": cmd_list, "peers": cmd_peers,
+            "live-services": cmd_live_services}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import multiprocessing as mp
 import os
 import time
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from bench._progress import Progress
 from bench._results import read_doc, result_path, write_doc
 from bench._scenario import Scenario, parse_scenario
 
-__all__ = ["Job", "Outcome", "execute", "plan"]
+__all__ = ["Job", "Outcome", "execute", "plan", "run_in_child"]
 
 
 @dataclass(frozen=True)
@@ -97,15 +97,25 @@ def _live_child(raw: Mapping[str, Any], source: str, strategy: str, time_scale: 
 
 
 def _run_live(job: Job, progress: Progress) -> None:
+    run_in_child(_live_child, (dict(job.scenario.raw), job.scenario.source, job.strategy,
+                               job.time_scale, job.repeat, str(job.path), dict(job.extra)),
+                 name=f"bench {job.label}", path=job.path, progress=progress)
+
+
+def run_in_child(target: Callable[..., None], args: tuple[Any, ...], *, name: str, path: Path,
+                 progress: Progress) -> None:
+    """Run ``target(*args, counter)`` in a freshly spawned process that writes ``path``.
+
+    ``counter`` is a shared integer the child bumps per visible item (the parent polls it for
+    the progress bar). On failure the child leaves its traceback in ``<path>.error``; its last
+    line becomes this function's ``RuntimeError``.
+    """
     ctx = mp.get_context("spawn")
     counter = ctx.RawValue("i", 0)  # one writer (the child); the parent only reads
-    err = Path(str(job.path) + ".error")
+    err = Path(str(path) + ".error")
     err.unlink(missing_ok=True)
-    job.path.parent.mkdir(parents=True, exist_ok=True)
-    proc = ctx.Process(target=_live_child, name=f"bench {job.label}",
-                       args=(dict(job.scenario.raw), job.scenario.source, job.strategy,
-                             job.time_scale, job.repeat, str(job.path), dict(job.extra),
-                             counter))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    proc = ctx.Process(target=target, name=name, args=(*args, counter))
     proc.start()
     try:
         while proc.is_alive():
