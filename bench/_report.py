@@ -221,6 +221,13 @@ def write_report(runs: Sequence[RunData], root: Path, path: Path,
         lines += ["## Peers", "", f"The seed workload through stagepipe, pypeln, asyncio and a "
                   f"ThreadPoolExecutor batch loop beside the engine: [{rel.as_posix()}]"
                   f"({rel.as_posix()}) (`python -m bench peers --scenario seed`).", ""]
+    live = root / "live-services" / "report.md"
+    if live.exists() and live.resolve() != path.resolve():
+        rel = live.relative_to(path.parent) if live.is_relative_to(path.parent) else live
+        lines += ["## Live services", "", "The sync job itself (requests, openai and psycopg2 "
+                  "against the fake servers and a throwaway PostgreSQL 15), per strategy with "
+                  f"the CPU it used: [{rel.as_posix()}]({rel.as_posix()}) (`python -m bench "
+                  "live-services`; not part of the default suite, it needs PostgreSQL).", ""]
     lines += list(extra)
     lines += ["## Validation", ""]
     if bad:
