@@ -12,12 +12,15 @@
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.thread  # registers its exit hook now, so ours (below) runs first
 import contextlib
 import heapq
 import inspect
 import itertools
 import queue
+import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -35,6 +38,20 @@ _heappush = heapq.heappush
 _new = tuple.__new__  # builds a named tuple without its Python-level __new__ (hot path)
 _WAKE = object()  # wakes the dispatcher (cancellation) without a completion
 _STOP = None  # tells a worker loop to exit
+
+
+_running: weakref.WeakSet[LiveBackend] = weakref.WeakSet()
+
+
+def _abandon_all() -> None:
+    # A stream dropped without close() (e.g. held by a global at exit) would leave worker loops
+    # blocked on their queues and the interpreter waiting forever to join them. Like
+    # concurrent.futures (whose own hook runs after this one), stop them before the join.
+    for backend in list(_running):
+        backend.abandon()
+
+
+threading._register_atexit(_abandon_all)  # type: ignore[attr-defined]
 
 
 def _relay(executor: concurrent.futures.Executor, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -113,6 +130,7 @@ class LiveBackend:
         except BaseException:
             self.close()
             raise
+        _running.add(self)
         # the run's clock starts once every worker thread exists (creating 100+ threads takes
         # tens of ms on a loaded machine: that is set-up, not scheduling)
         self.base = time.perf_counter()
@@ -180,12 +198,22 @@ class LiveBackend:
             while timers and (cancelled or timers[0][0] <= now):
                 sched.on_timer(heapq.heappop(timers)[2])
 
-    def close(self) -> None:
-        """Stop every worker loop and join every thread this backend started."""
-        self._remove_wake()
+    def abandon(self) -> None:
+        """Cancel and tell every worker loop to stop, without waiting (interpreter exit)."""
+        self._cancel.cancel("interpreter exit")
+        self._stop_workers()
+
+    def _stop_workers(self) -> None:
         for inbox, n in zip(self._inboxes, self._workers, strict=True):
             for _ in range(n):
                 inbox.put(_STOP)
+        self._workers = [0] * len(self._workers)
+
+    def close(self) -> None:
+        """Stop every worker loop and join every thread this backend started."""
+        _running.discard(self)
+        self._remove_wake()
+        self._stop_workers()
         for pool in self._pools:
             pool.shutdown(wait=True)
         for ex in self._owned:
@@ -195,13 +223,18 @@ class LiveBackend:
 class VirtualBackend:
     """Virtual time: an event heap, no threads, no sleeping."""
 
-    def __init__(self, stages: tuple[Stage, ...], cancel: Any) -> None:
+    @staticmethod
+    def check(stages: tuple[Stage, ...]) -> None:
+        """Every stage must be able to simulate its calls."""
         for st in stages:
             if not callable(getattr(st.fn, "simulate", None)):
                 raise TypeError(
                     f"Stage {st.name!r}: fn: the virtual clock needs a callable with a "
                     f".simulate(call, value) method (e.g. a simulators.SimulatedService), "
                     f"got {st.fn!r}")
+
+    def __init__(self, stages: tuple[Stage, ...], cancel: Any) -> None:
+        self.check(stages)
         self.t = 0.0
         self._heap: list[tuple[float, int, _Item, float | None, Simulated | None]] = []
         self._seq = itertools.count()

@@ -31,20 +31,31 @@ class _Run:
         self.t0 = time.perf_counter()
         self.token = CancelToken()  # the run's own; the caller's token cancels it, not vice versa
         self.interrupted = False
-        self._unlink = cancel._on_cancel(self.token.cancel) if cancel is not None else None
+        self._cancel = cancel
+        self._unlink: Any = None
         self._old_sigint: Any = None
-        self.sched = Scheduler(pipeline.stages, strategy, iter(items), pipeline.key, self.token)
-        backend: Backend
+        self._stages = pipeline.stages
         if clock == "virtual":
-            backend = VirtualBackend(pipeline.stages, self.token)
-        else:
-            backend = LiveBackend(pipeline.stages, self.token)
-        self.backend = backend
-        self.sched.attach(backend)
+            VirtualBackend.check(pipeline.stages)
+        self.sched = Scheduler(pipeline.stages, strategy, iter(items), pipeline.key, self.token)
+        self.backend: Backend | None = None  # threads start with the first result asked for
         self.params = dict(strategy.params)
         if isinstance(strategy, Continuous):  # report the bound in force, not "auto"
             self.params["max_in_flight"] = strategy.window(self.sched.limits)
         self.closed = False
+
+    def _start(self) -> Backend:
+        # Not in __init__: a stream() that is never iterated must not leave threads behind.
+        if self._cancel is not None:
+            self._unlink = self._cancel._on_cancel(self.token.cancel)
+        backend: Backend
+        if self.clock == "virtual":
+            backend = VirtualBackend(self._stages, self.token)
+        else:
+            backend = LiveBackend(self._stages, self.token)
+        self.backend = backend
+        self.sched.attach(backend)
+        return backend
 
     def _install_sigint(self) -> None:
         # Ctrl-C cancels the run instead of raising mid-decision; the loop re-raises
@@ -59,10 +70,11 @@ class _Run:
 
     def results(self) -> Iterator[ItemResult]:
         """Drive the loop; yield each result the moment it becomes visible."""
-        self._install_sigint()
-        sched, backend = self.sched, self.backend
+        sched = self.sched
         out = sched.out
         try:
+            backend = self._start()
+            self._install_sigint()
             sched.policy.fill()
             while True:
                 if out:
@@ -81,15 +93,16 @@ class _Run:
         if self.closed:
             return
         self.closed = True
-        sched = self.sched
+        sched, backend = self.sched, self.backend
         try:
-            if not sched.done:
+            if backend is not None and not sched.done:
                 self.token.cancel("closed")
                 while not sched.done:
                     sched.out.clear()  # nobody will read these any more
-                    self.backend.step(sched)
+                    backend.step(sched)
         finally:
-            self.backend.close()
+            if backend is not None:
+                backend.close()
             if self._unlink is not None:
                 self._unlink()
             if self._old_sigint is not None:

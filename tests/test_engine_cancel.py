@@ -160,3 +160,27 @@ def test_token_is_one_way_and_idempotent() -> None:
 
 def test_path_unused() -> None:
     assert Path(ROOT, "engine").is_dir()
+
+
+def test_stream_never_iterated_starts_no_thread() -> None:
+    before = threading.active_count()
+    gen = Pipeline([Stage("s", str, 8)]).stream(range(10))
+    assert threading.active_count() == before
+    del gen
+    assert threading.active_count() == before
+
+
+def test_thread_backend_exits_cleanly_after_abandoned_stream() -> None:
+    """A stream abandoned half-way (not closed, just dropped) must not hang interpreter exit."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from engine import Pipeline, Stage
+        gen = Pipeline([Stage("s", lambda x: time.sleep(0.001) or x, 4)]).stream(range(10**6))
+        next(gen)
+        unused = Pipeline([Stage("t", str, 4)]).stream(range(10))
+        print("done", flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
