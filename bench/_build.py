@@ -8,9 +8,11 @@ recorded times back, so live and virtual documents compare directly.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 from bench._results import git_commit
@@ -72,6 +74,23 @@ def build_pipeline(sc: Scenario, *, clock: Clock, time_scale: float | None = Non
     return Pipeline(stages), services
 
 
+@contextlib.contextmanager
+def gc_paused(pause: bool = True) -> Iterator[None]:
+    """Automatic garbage collection off for a timed live run, one collection after (as timeit
+    does). A full collection of a benchmark process's heap (numpy, matplotlib, the results so
+    far) stops every thread for 30-70 ms, which shows up as items handed over late: measured on
+    the seed scenario, max visibility lag 67 ms with GC on vs 1.2 ms with it paused."""
+    enabled = pause and gc.isenabled()
+    if enabled:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+            gc.collect()
+
+
 def run_once(sc: Scenario, strategy: str, *, clock: Clock, time_scale: float | None = None,
              repeat: int | None = None, on_result: Callable[[ItemResult], Any] | None = None,
              extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -85,13 +104,16 @@ def run_once(sc: Scenario, strategy: str, *, clock: Clock, time_scale: float | N
         for svc in services:  # outages and rate limits count from the start of the run
             svc.start()
     t0 = time.perf_counter()
-    report = pipeline.run(range(sc.items), strat, on_result=on_result, clock=clock)
+    with gc_paused(clock == "live"):
+        report = pipeline.run(range(sc.items), strat, on_result=on_result, clock=clock)
     wall = time.perf_counter() - t0
     meta: dict[str, Any] = {
         "scenario": sc.name, "seed": sc.seed, "time_scale": ts, "git_commit": git_commit(),
         "description": sc.description, "source": sc.source, "wall_s": round(wall, 4),
         "load_avg_1m": round(load, 2),
     }
+    if clock == "live":
+        meta["gc"] = "automatic collection paused during the run"
     if repeat is not None:
         meta["repeat"] = repeat
     meta.update(extra or {})

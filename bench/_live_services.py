@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from bench._build import gc_paused
 from bench._harness import run_in_child
 from bench._metrics import validate
 from bench._progress import Progress
@@ -267,7 +268,8 @@ def _run_one(spec_doc: Mapping[str, Any], strategy: str, counter: Any) -> dict[s
         load = os.getloadavg()[0]
         cpu0 = (_self_cpu(), _proc_cpu(msgs_pid) + _proc_cpu(llm_pid), _tree_cpu(pm))
         t0 = time.perf_counter()
-        report = job.pipeline.run(range(1, spec.items + 1), strat, on_result=on_result)
+        with gc_paused():  # see bench._build.gc_paused
+            report = job.pipeline.run(range(1, spec.items + 1), strat, on_result=on_result)
         wall = time.perf_counter() - t0
         cpu1 = (_self_cpu(), _proc_cpu(msgs_pid) + _proc_cpu(llm_pid), _tree_cpu(pm))
         rows = _count_rows(pg.dsn)
