@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from bench._build import gc_paused
 from bench._scenario import Scenario, parse_scenario
 
 __all__ = ["PEERS", "run_peers"]
@@ -221,7 +222,8 @@ def _child(peer: str, raw: Mapping[str, Any], source: str, n: int, ts: float, pa
             with lock:
                 visible[index], ok[index] = t / ts, good
 
-        _RUNNERS[peer](sc, n, ts, mark)
+        with gc_paused():  # the same for every peer (see bench._build.gc_paused)
+            _RUNNERS[peer](sc, n, ts, mark)
         wall = time.perf_counter() - t0
         Path(path).write_text(json.dumps({"peer": peer, "wall_s": wall, "visible": visible,
                                           "ok": ok}), encoding="utf-8")
