@@ -18,6 +18,7 @@ million items. An evicted block is re-created identically if it is needed again.
 
 from __future__ import annotations
 
+import math
 import threading
 import zlib
 from collections.abc import Callable
@@ -39,6 +40,18 @@ T = TypeVar("T")
 # numpy builds part of SeedSequence's machinery on first use (~10 ms here); pay it at import
 # rather than inside the first timed virtual run.
 np.random.SeedSequence(0).generate_state(1)
+
+
+def check_seed_and_scale(seed: object, time_scale: object) -> None:
+    """Validate the two knobs every simulated service and fake server takes."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
+    if (
+        isinstance(time_scale, bool)
+        or not isinstance(time_scale, int | float)
+        or not (math.isfinite(time_scale) and time_scale >= 0)
+    ):
+        raise ValueError(f"time_scale: expected a finite number >= 0, got {time_scale!r}")
 
 
 def stable_hash(text: str) -> int:

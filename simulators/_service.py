@@ -38,7 +38,7 @@ from ._faults import (
     TokenBucket,
     TransientError,
 )
-from ._sampling import BLOCK_SHIFT, BlockCache, draw_block
+from ._sampling import BLOCK_SHIFT, BlockCache, check_seed_and_scale, draw_block
 
 __all__ = ["SimulatedService"]
 
@@ -79,14 +79,7 @@ class SimulatedService:
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"name: expected a non-empty string, got {name!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
-        if (
-            isinstance(time_scale, bool)
-            or not isinstance(time_scale, int | float)
-            or not (math.isfinite(time_scale) and time_scale >= 0)
-        ):
-            raise ValueError(f"time_scale: expected a finite number >= 0, got {time_scale!r}")
+        check_seed_and_scale(seed, time_scale)
         faults = faults if faults is not None else Faults()
         if not isinstance(faults, Faults):
             raise ValueError(f"faults: expected a Faults, got {faults!r}")

@@ -30,7 +30,13 @@ from typing import Any, Self
 
 from .._distributions import Distribution, as_distribution
 from .._faults import TokenBucket
-from .._sampling import BLOCK_SHIFT, BlockCache, draw_block, stable_hash
+from .._sampling import (
+    BLOCK_SHIFT,
+    BlockCache,
+    check_seed_and_scale,
+    draw_block,
+    stable_hash,
+)
 
 __all__ = ["FakeServer", "Response", "ServerFaults"]
 
@@ -174,14 +180,7 @@ class FakeServer:
         verbose: bool = False,
     ) -> None:
         self.latency = as_distribution(latency)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed: expected an integer >= 0, got {seed!r}")
-        if (
-            isinstance(time_scale, bool)
-            or not isinstance(time_scale, int | float)
-            or not (math.isfinite(time_scale) and time_scale >= 0)
-        ):
-            raise ValueError(f"time_scale: expected a finite number >= 0, got {time_scale!r}")
+        check_seed_and_scale(seed, time_scale)
         faults = faults if faults is not None else ServerFaults()
         error_rate = _rate(error_rate, "error_rate")
         if error_rate:
