@@ -81,7 +81,6 @@ class Scheduler:
         key: Callable[[Any], Hashable] | None,
         cancel: CancelToken,
     ) -> None:
-        self.stages = stages
         self.names = [s.name for s in stages]
         self.limits = [s.concurrency for s in stages]
         self.retry: list[RetryPolicy | None] = [s.retry for s in stages]
