@@ -32,6 +32,19 @@ STRATEGY_COLORS = {"continuous": "tab:green", "parallel-batches": "tab:orange",
 STAGE_COLORS = ["tab:blue", "tab:purple", "tab:olive", "tab:cyan", "tab:brown", "tab:pink"]
 
 
+
+def _save_visible(fig: Any, ax: Any, title: str, path: Path) -> Path:
+    """Axes, title and legend of a visible-items-over-time plot, then save it."""
+    ax.set_xlabel("time since start (scenario seconds)")
+    ax.set_ylabel("items visible to the user (ok)")
+    ax.set_title(title)
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
 def _color(strategy: str) -> str:
     return STRATEGY_COLORS.get(strategy, "tab:gray")
 
@@ -66,15 +79,7 @@ def plot_visible(groups: Sequence[Group], path: Path) -> Path:
         ax.step(np.concatenate([[0.0], xs]), np.concatenate([[0], n]), where="post",
                 color=_color(g.strategy), linestyle="-" if g.clock == "virtual" else "--",
                 linewidth=1.6, label=_label(g, with_clock=both))
-    ax.set_xlabel("time since start (scenario seconds)")
-    ax.set_ylabel("items visible to the user (ok)")
-    ax.set_title(_title(groups, "items visible over time"))
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save_visible(fig, ax, _title(groups, "items visible over time"), path)
 
 
 def plot_ecdf(groups: Sequence[Group], path: Path) -> Path:
@@ -256,13 +261,5 @@ def plot_peers(doc: Mapping[str, Any], path: Path) -> Path:
         color, style = PEER_STYLES.get(rec["peer"], ("tab:gray", "-"))
         ax.step(np.concatenate([[0.0], xs]), np.arange(xs.size + 1), where="post", color=color,
                 linestyle=style, linewidth=1.6, label=rec["peer"])
-    ax.set_xlabel("time since start (scenario seconds)")
-    ax.set_ylabel("items visible to the user (ok)")
-    ax.set_title(f"{doc['scenario']}: the same workload through peers "
-                 f"({doc['items']} items, live x{doc['time_scale']:g})")
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save_visible(fig, ax, f"{doc['scenario']}: the same workload through peers "
+                         f"({doc['items']} items, live x{doc['time_scale']:g})", path)
