@@ -3,19 +3,13 @@ pickle for the process backend) and an independent check of a report's schedulin
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from contract import assert_checker_accepts, keep_for_ci
 from engine import Batched, Continuous, ParallelBatches, RunReport, Stage
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_CHECKER = ROOT.parent / "shared" / "tools" / "check_results.py"
 
 STRATEGIES = {
     "continuous": lambda: Continuous(),
@@ -117,12 +111,5 @@ def shared_check(report: RunReport, tmp_path: Path, name: str = "report") -> Non
     """Run ../shared/tools/check_results.py on the report's JSON when that checker exists."""
     path = report.save(tmp_path / f"{name}.json")
     json.loads(path.read_text())
-    keep = os.environ.get("CONVEYOR_RESULTS_OUT")  # .ci/run re-checks every file written here
-    if keep:
-        dest = Path(keep, "engine-tests")
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, dest / f"{tmp_path.name}-{name}.json")
-    if SHARED_CHECKER.exists():
-        proc = subprocess.run([sys.executable, str(SHARED_CHECKER), str(path)],
-                              capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
+    keep_for_ci("engine-tests", [(path, f"{tmp_path.name}-{name}.json")])
+    assert_checker_accepts(path)

@@ -7,8 +7,6 @@ seconds; the benchmark figures themselves come from the full run, not from this 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +15,9 @@ import pytest
 
 from bench._metrics import validate
 from bench._results import read_doc
+from contract import assert_checker_accepts, keep_for_ci
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKER = REPO.parent / "shared" / "tools" / "check_results.py"
 ITEMS = 60
 STRATEGIES = ("continuous", "batched", "parallel-batches")
 
@@ -53,16 +51,8 @@ def test_every_strategy_writes_a_valid_results_file(live_out: LiveRun) -> None:
         assert [s["name"] for s in m["stages"]] == ["fetch", "analyze", "save", "assign"]
         assert set(m["cpu_s"]) == {"pipeline", "servers", "postgres", "total"}
         assert m["cpu_s"]["pipeline"] > 0 and m["cpu_s"]["total"] >= m["cpu_s"]["pipeline"]
-    if CHECKER.exists():  # the shared checker, as a second opinion
-        chk = subprocess.run([sys.executable, str(CHECKER), *map(str, files)],
-                             capture_output=True, text=True, timeout=120)
-        assert chk.returncode == 0, chk.stdout + chk.stderr
-    keep = os.environ.get("CONVEYOR_RESULTS_OUT")  # .ci/run re-checks every file kept there
-    if keep:
-        for f in files:
-            dest = Path(keep) / "bench-tests" / f"live-services-{f.name}"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, dest)
+    assert_checker_accepts(*files)  # the shared checker, as a second opinion
+    keep_for_ci("bench-tests", [(f, f"live-services-{f.name}") for f in files])
 
 
 @pytest.mark.timeout(300)

@@ -3,7 +3,6 @@ bench's own validation agrees with ../shared/tools/check_results.py on good and 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -12,9 +11,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_bench_synthetic import CHECKER, run_checker, synthetic_doc
+from test_bench_synthetic import synthetic_doc
 
 from bench._metrics import max_overlap, summarize, validate
+from contract import CHECKER, load_checker, run_checker
 
 
 def _item(index: int, status: str, stages: list[tuple[str, list[list[float]]]],
@@ -135,14 +135,6 @@ def test_broken_barrier_is_rejected_by_both_checks(tmp_path: Path) -> None:
     assert _checker_accepts(tmp_path, doc) in (False, None)
 
 
-def _checker_module() -> Any:
-    spec = importlib.util.spec_from_file_location("check_results", CHECKER)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.timeout(120)
 @settings(max_examples=200, deadline=None)
 @given(xs=st.lists(st.floats(0, 1e5, allow_nan=False), min_size=1, max_size=60))
@@ -153,8 +145,8 @@ def test_percentiles_are_numpys_linear_and_the_checkers(xs: list[float]) -> None
     for q in (50, 90, 99):
         assert s[f"visible_p{q}_s"] == pytest.approx(float(np.percentile(xs, q)), rel=1e-12,
                                                      abs=1e-9)
-    if CHECKER.exists():
-        chk = _checker_module()
+    chk = load_checker()
+    if chk is not None:
         for q in (50, 90, 99):
             assert s[f"visible_p{q}_s"] == pytest.approx(chk.percentile(sorted(xs), q),
                                                          rel=1e-12, abs=1e-9)

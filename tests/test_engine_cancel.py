@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from contract import ROOT
 from engine import Batched, CancelToken, Continuous, ParallelBatches, Pipeline, Stage
-from engine_helpers import ROOT, check_report, shared_check
+from engine_helpers import check_report, shared_check
 
 pytestmark = pytest.mark.timeout(60)
 STRATS = [Continuous(), Batched(size=4), ParallelBatches(lanes=2, size=3)]

@@ -6,14 +6,13 @@ order; and the contract checker (../shared/tools/check_results.py, when present)
 report's JSON."""
 from __future__ import annotations
 
-import importlib.util
 import time
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from contract import load_checker
 from engine import (
     Batched,
     Continuous,
@@ -24,20 +23,9 @@ from engine import (
     Stage,
     current_call,
 )
-from engine_helpers import SHARED_CHECKER, check_report
+from engine_helpers import check_report
 
-
-def _load_checker() -> Any:
-    if not SHARED_CHECKER.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("check_results", SHARED_CHECKER)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-CHECKER = _load_checker()
+CHECKER = load_checker()
 
 
 class Scripted:

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from engine_helpers import ROOT
+from contract import ROOT
 
 SCRIPT = textwrap.dedent("""
     import json, sys, threading, time

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from engine_helpers import ROOT
+from contract import ROOT
 
 pytestmark = pytest.mark.postgres
 

@@ -16,9 +16,9 @@ import tomllib
 
 import pytest
 
+from contract import ROOT
 from engine import Batched, Continuous, ParallelBatches, Pipeline, RetryPolicy, Stage
 from engine._retry import unit_random
-from engine_helpers import ROOT
 from simulators import Faults, SimulatedService, parse_latency
 
 SEED = ROOT / "bench" / "scenarios" / "seed.toml"

@@ -1,0 +1,55 @@
+"""The independent contract checker (../shared/tools/check_results.py) for the tests, and the
+hand-off of results files to .ci/run.
+
+The project does not depend on ../shared (users clone only the project): every helper here is a
+no-op or returns None when the checker is absent, and the tests keep their own validation.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKER = ROOT.parent / "shared" / "tools" / "check_results.py"
+
+
+def run_checker(*paths: Path) -> subprocess.CompletedProcess[str]:
+    """The checker as a command, on ``paths`` (only call it when ``CHECKER.exists()``)."""
+    return subprocess.run([sys.executable, str(CHECKER), *map(str, paths)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_checker_accepts(*paths: Path) -> None:
+    """The checker accepts every file (skipped silently when ../shared is absent)."""
+    if CHECKER.exists():
+        res = run_checker(*paths)
+        assert res.returncode == 0, res.stdout + res.stderr
+
+
+def load_checker() -> ModuleType | None:
+    """The checker as a module (``check(doc)``, ``percentile``), or None when absent."""
+    if not CHECKER.exists():
+        return None
+    spec = importlib.util.spec_from_file_location("check_results", CHECKER)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def keep_for_ci(group: str, files: Iterable[tuple[Path, str]]) -> None:
+    """Copy ``(path, name)`` pairs to $CONVEYOR_RESULTS_OUT/<group>/<name>: .ci/run re-checks
+    every results file kept there. Nothing happens outside CI."""
+    keep = os.environ.get("CONVEYOR_RESULTS_OUT")
+    if not keep:
+        return
+    dest = Path(keep, group)
+    dest.mkdir(parents=True, exist_ok=True)
+    for path, name in files:
+        shutil.copyfile(path, dest / name)
