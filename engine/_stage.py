@@ -72,7 +72,3 @@ class Stage:
                     f"{where}: init: only thread stages take init; give a process pool or "
                     "executor its own initializer instead"
                 )
-
-    @property
-    def on_threads(self) -> bool:
-        return self.executor in (None, "thread")
