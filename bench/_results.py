@@ -86,7 +86,6 @@ class RunData:
     path: Path
     metadata: Mapping[str, Any]
     summary: Mapping[str, float | int]  #: recomputed from the items
-    written_summary: Mapping[str, Any]  #: as the file states it
     problems: tuple[str, ...]  #: from bench's own validation; empty when the file is good
     visible: np.ndarray  #: sorted visible_at of ok items (scenario seconds)
     #: first GANTT_ITEMS items: (index, ((stage, start, end), ...), visible_at or None)
@@ -122,7 +121,7 @@ def run_data(doc: Mapping[str, Any], path: Path) -> RunData:
         spans = tuple((st["name"], float(st["start"]), float(st["end"])) for st in it["stages"])
         gantt.append((int(it["index"]), spans, it["visible_at"]))
     return RunData(path=Path(path), metadata=meta, summary=summarize(items, meta["stages"]),
-                   written_summary=doc.get("summary", {}), problems=tuple(validate(doc)),
+                   problems=tuple(validate(doc)),
                    visible=visible_ok(items), gantt=tuple(gantt))
 
 
