@@ -251,14 +251,13 @@ class VirtualBackend:
     def now(self) -> float:
         return self.t
 
-    def submit(self, stage: int, item: _Item) -> None:
-        if self._running[stage] < self._limits[stage]:
-            self._start(stage, item)
-        else:
-            self._waiting[stage].append(item)
-
-    def _start(self, s: int, item: _Item) -> None:
-        self._running[s] += 1
+    def submit(self, s: int, item: _Item) -> None:
+        """Start ``item``'s call at stage ``s`` now if a slot is free, else queue it (FIFO)."""
+        running = self._running
+        if running[s] >= self._limits[s]:
+            self._waiting[s].append(item)
+            return
+        running[s] += 1
         t = self.t
         if self._cancel.cancelled:
             _heappush(self._heap, (t, next(self._seq), item, t, None))
@@ -286,7 +285,7 @@ class VirtualBackend:
         if not heap:
             raise RuntimeError("virtual clock: items are in flight but nothing is scheduled")
         pop = heapq.heappop
-        running, waiting, start_call = self._running, self._waiting, self._start
+        running, waiting, submit = self._running, self._waiting, self.submit
         on_done, on_timer, fill, out = sched.on_done, sched.on_timer, sched.policy.fill, sched.out
         while heap and not out:
             end, _, item, start, sim = pop(heap)
@@ -298,7 +297,7 @@ class VirtualBackend:
                 s = item.stage
                 running[s] -= 1
                 if waiting[s]:
-                    start_call(s, waiting[s].popleft())
+                    submit(s, waiting[s].popleft())  # the freed slot: first in line
                 if sim is None:
                     on_done(item, end, end, None, None)
                 elif sim[2] is None:

@@ -10,8 +10,8 @@ import json
 import math
 import os
 import platform
-from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import FrozenInstanceError, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -58,21 +58,115 @@ class StageSpan(NamedTuple):
     attempts: tuple[Attempt, ...]
 
 
-@dataclass(frozen=True, slots=True)
+_set = object.__setattr__
+_FIELDS = ("index", "key", "status", "value", "error", "stages", "visible_at")
+
+
 class ItemResult:
-    """The outcome of one item, handed over when it becomes visible."""
+    """The outcome of one item, handed over when it becomes visible (immutable, like a frozen
+    dataclass: fields ``index, key, status, value, error, stages, visible_at``).
+
+    ``stages`` (one :class:`StageSpan` per stage the item entered) is built on first access:
+    the scheduler records a call as two floats, not three records, which is most of what a
+    result costs to make and to keep. Reading it is the same either way.
+    """
+
+    __slots__ = ("_names", "_stages", "_trace", "error", "index", "key", "status", "value",
+                 "visible_at")
+    __match_args__ = ("index", "key", "status", "value", "error", "stages", "visible_at")
 
     index: int
     key: Hashable
     status: Status
     value: Any
     error: ErrorInfo | None
-    stages: tuple[StageSpan, ...]
     visible_at: float | None
+    _stages: tuple[StageSpan, ...] | None
+    _trace: list[Any] | None
+    _names: Sequence[str] | None
+
+    def __init__(self, index: int, key: Hashable, status: Status, value: Any,
+                 error: ErrorInfo | None, stages: Sequence[StageSpan],
+                 visible_at: float | None) -> None:
+        for name, v in zip(_FIELDS, (index, key, status, value, error, tuple(stages), visible_at),
+                           strict=True):
+            _set(self, "_stages" if name == "stages" else name, v)
+        _set(self, "_trace", None)
+        _set(self, "_names", None)
+
+    @classmethod
+    def _recorded(cls, index: int, key: Hashable, status: str, value: Any,
+                  error: ErrorInfo | None, trace: list[Any], names: Sequence[str],
+                  visible_at: float | None) -> ItemResult:
+        """The scheduler's constructor. ``trace`` holds, per stage entered in order, either
+        ``start, end`` (one successful call) or a ready :class:`StageSpan` (any other case)."""
+        self = _object_new(cls)
+        _set(self, "index", index)
+        _set(self, "key", key)
+        _set(self, "status", status)
+        _set(self, "value", value)
+        _set(self, "error", error)
+        _set(self, "visible_at", visible_at)
+        _set(self, "_trace", trace)
+        _set(self, "_names", names)
+        _set(self, "_stages", None)
+        return self
+
+    @property
+    def stages(self) -> tuple[StageSpan, ...]:
+        spans = self._stages
+        if spans is None:
+            spans = tuple(_spans(self._trace, self._names))  # type: ignore[arg-type]
+            _set(self, "_stages", spans)  # two threads may both build it: the same tuple
+            _set(self, "_trace", None)
+        return spans
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.index, self.key, self.status, self.value, self.error, self.stages,
+                self.visible_at)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{n}={v!r}" for n, v in zip(_FIELDS, self._fields(), strict=True))
+        return f"{type(self).__name__}({body})"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self._fields())
+
+
+_object_new = object.__new__
+
+
+def _spans(trace: list[Any], names: Sequence[str]) -> Iterator[StageSpan]:
+    """The :class:`StageSpan` records of a compact trace (see ``ItemResult._recorded``)."""
+    i, k, n = 0, 0, len(trace)
+    while i < n:
+        x = trace[i]
+        if x.__class__ is StageSpan:
+            yield x
+            i += 1
+        else:
+            end = trace[i + 1]
+            yield StageSpan(names[k], x, end, (Attempt(x, end, None),))
+            i += 2
+        k += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,16 +253,37 @@ def _item_doc(r: ItemResult, scale: float) -> dict[str, Any]:
         "status": r.status,
         "visible_at": None if r.visible_at is None else r.visible_at / scale,
         "error": None if r.error is None else r.error._asdict(),
-        "stages": [
-            {
-                "name": sp.name,
-                "start": sp.start / scale,
-                "end": sp.end / scale,
-                "attempts": len(sp.attempts),
-                "calls": [[a.start / scale, a.end / scale] for a in sp.attempts],
-            }
-            for sp in r.stages
-        ],
+        "stages": _stage_docs(r, scale),
+    }
+
+
+def _stage_docs(r: ItemResult, scale: float) -> list[dict[str, Any]]:
+    trace, names = r._trace, r._names
+    if trace is None or names is None:  # built by hand, or its stages were already read
+        return [_span_doc(sp, scale) for sp in r.stages]
+    docs = []
+    i, k, n = 0, 0, len(trace)
+    while i < n:  # the compact trace read directly: no StageSpan built for a one-call stage
+        x = trace[i]
+        if x.__class__ is StageSpan:
+            docs.append(_span_doc(x, scale))
+            i += 1
+        else:
+            start, end = x / scale, trace[i + 1] / scale
+            docs.append({"name": names[k], "start": start, "end": end, "attempts": 1,
+                         "calls": [[start, end]]})
+            i += 2
+        k += 1
+    return docs
+
+
+def _span_doc(sp: StageSpan, scale: float) -> dict[str, Any]:
+    return {
+        "name": sp.name,
+        "start": sp.start / scale,
+        "end": sp.end / scale,
+        "attempts": len(sp.attempts),
+        "calls": [[a.start / scale, a.end / scale] for a in sp.attempts],
     }
 
 

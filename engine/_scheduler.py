@@ -43,8 +43,8 @@ _new = tuple.__new__
 class _Item:
     """The one mutable record of an item in flight (tenacity's RetryCallState, per item)."""
 
-    __slots__ = ("attempt", "batch", "calls", "error", "index", "key", "queued_at", "spans",
-                 "stage", "status", "value")
+    __slots__ = ("attempt", "batch", "calls", "error", "index", "key", "queued_at", "stage",
+                 "status", "trace", "value")
 
     def __init__(self, index: int, key: Hashable, value: Any) -> None:
         self.index = index
@@ -52,8 +52,8 @@ class _Item:
         self.value = value
         self.stage = -1
         self.attempt = 1
-        self.calls: list[Attempt] = []
-        self.spans: list[StageSpan] = []
+        self.calls: list[Attempt] = []  # failed attempts at the current stage
+        self.trace: list[Any] = []  # per stage: start, end (one ok call) or a StageSpan
         self.status = ""
         self.error: ErrorInfo | None = None
         self.batch: _Batch | None = None
@@ -81,7 +81,7 @@ class Scheduler:
         key: Callable[[Any], Hashable] | None,
         cancel: CancelToken,
     ) -> None:
-        self.names = [s.name for s in stages]
+        self.names = tuple(s.name for s in stages)
         self.limits = [s.concurrency for s in stages]
         self.retry: list[RetryPolicy | None] = [s.retry for s in stages]
         self.last = len(stages) - 1
@@ -148,7 +148,12 @@ class Scheduler:
         """Queue ``item`` for ``stage`` (its first attempt there)."""
         item.stage = stage
         item.attempt = 1
-        self._submit(item)
+        in_flight = self.in_flight  # _submit, inlined: this runs for every call
+        n = in_flight[stage] = in_flight[stage] + 1
+        if n > self.peak[stage]:
+            self.peak[stage] = n
+        item.queued_at = self._now()
+        self._send(stage, item)
 
     def _submit(self, item: _Item) -> None:
         s = item.stage
@@ -166,12 +171,14 @@ class Scheduler:
     def emit(self, items: tuple[_Item, ...] | list[_Item]) -> None:
         """``items`` become visible now (together)."""
         now = self.backend.now()
-        out = self.out
+        append, result, names = self.out.append, ItemResult._recorded, self.names
         for it in items:
-            cancelled = it.status == "cancelled"
-            out.append(ItemResult(it.index, it.key, it.status,  # type: ignore[arg-type]
-                                  None if cancelled or it.status == "failed" else it.value,
-                                  it.error, tuple(it.spans), None if cancelled else now))
+            status = it.status
+            if status == "ok":
+                append(result(it.index, it.key, status, it.value, None, it.trace, names, now))
+            else:
+                append(result(it.index, it.key, status, None, it.error, it.trace, names,
+                              None if status == "cancelled" else now))
             it.value = None
         self.open -= len(items)
 
@@ -190,12 +197,13 @@ class Scheduler:
             calls = item.calls
             if calls:  # earlier attempts failed
                 calls.append(_new(Attempt, (start, end, None)))
-                item.spans.append(_new(StageSpan, (self.names[s], calls[0][0], end,
+                item.trace.append(_new(StageSpan, (self.names[s], calls[0][0], end,
                                                    tuple(calls))))
                 item.calls = []
-            else:
-                item.spans.append(_new(StageSpan, (self.names[s], start, end,
-                                                   (_new(Attempt, (start, end, None)),))))
+            else:  # the common case, recorded as two floats (ItemResult builds the span)
+                trace = item.trace
+                trace.append(start)
+                trace.append(end)
             item.value = result
             if s == self.last:
                 item.status = "ok"
@@ -235,7 +243,7 @@ class Scheduler:
     def _finish(self, item: _Item, status: str) -> None:
         calls = item.calls
         if calls:
-            item.spans.append(
+            item.trace.append(
                 StageSpan(self.names[item.stage], calls[0].start, calls[-1].end, tuple(calls)))
             item.calls = []
         item.status = status

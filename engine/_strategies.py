@@ -148,6 +148,8 @@ class _ContinuousPolicy:
 
     def fill(self) -> None:
         sched = self.sched
+        if sched.exhausted:  # after the last admission this is all fill does, once per event
+            return
         window = self.window
         while window is None or self.in_flight < window:
             item = sched.admit_one()
