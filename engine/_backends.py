@@ -233,9 +233,10 @@ class VirtualBackend:
                     f".simulate(call, value) method (e.g. a simulators.SimulatedService), "
                     f"got {st.fn!r}")
 
-    def __init__(self, stages: tuple[Stage, ...], cancel: Any) -> None:
+    def __init__(self, stages: tuple[Stage, ...], cancel: Any, *, observed: bool = True) -> None:
         self.check(stages)
         self.t = 0.0
+        self._observed = observed
         self._heap: list[tuple[float, int, _Item, float | None, Simulated | None]] = []
         self._seq = itertools.count()
         self._cancel = cancel
@@ -276,7 +277,8 @@ class VirtualBackend:
         heapq.heappush(self._heap, (self.t + delay, next(self._seq), item, None, None))
 
     def step(self, sched: Scheduler) -> None:
-        """Run events until one makes a result visible (or nothing is left).
+        """Run events until one makes a result visible (or nothing is left); when the run is
+        not ``observed`` (nobody can react to a result before the next), until nothing is left.
 
         Admission (``policy.fill``) runs after every event, at that event's virtual time, so a
         freed place is taken at the instant it frees, exactly as the live dispatcher does.
@@ -287,10 +289,10 @@ class VirtualBackend:
         pop = heapq.heappop
         running, waiting, submit = self._running, self._waiting, self.submit
         on_done, on_timer, fill, out = sched.on_done, sched.on_timer, sched.policy.fill, sched.out
-        while heap and not out:
+        observed = self._observed
+        while heap and not (out and observed):
             end, _, item, start, sim = pop(heap)
-            if end > self.t:
-                self.t = end
+            self.t = end  # never earlier than now: every event is scheduled at now + d, d >= 0
             if start is None:  # a retry's backoff elapsed
                 on_timer(item)
             else:
@@ -304,7 +306,8 @@ class VirtualBackend:
                     on_done(item, start, end, True, sim[1])
                 else:
                     on_done(item, start, end, False, sim[2])
-            fill()
+            if not sched.exhausted:  # a policy admits only from the input: nothing left to do
+                fill()
 
     def close(self) -> None:
         self._heap.clear()

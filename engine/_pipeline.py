@@ -43,6 +43,9 @@ class _Run:
         if isinstance(strategy, Continuous):  # report the bound in force, not "auto"
             self.params["max_in_flight"] = strategy.window(self.sched.limits)
         self.closed = False
+        # Nobody can act between two results (run() with no on_result and no cancel token):
+        # the virtual clock may then run to the end in one go instead of stopping at each.
+        self.observed = True
 
     def _start(self) -> Backend:
         # Not in __init__: a stream() that is never iterated must not leave threads behind.
@@ -50,7 +53,7 @@ class _Run:
             self._unlink = self._cancel._on_cancel(self.token.cancel)
         backend: Backend
         if self.clock == "virtual":
-            backend = VirtualBackend(self._stages, self.token)
+            backend = VirtualBackend(self._stages, self.token, observed=self.observed)
         else:
             backend = LiveBackend(self._stages, self.token)
         self.backend = backend
@@ -70,17 +73,20 @@ class _Run:
 
     def results(self) -> Iterator[ItemResult]:
         """Drive the loop; yield each result the moment it becomes visible."""
+        for batch in self.batches():
+            yield from batch
+
+    def batches(self) -> Iterator[list[ItemResult]]:
+        """Drive the loop; yield the results that became visible together, as a list."""
         sched = self.sched
-        out = sched.out
         try:
             backend = self._start()
             self._install_sigint()
             sched.policy.fill()
             while True:
-                if out:
-                    batch = out[:]
-                    out.clear()
-                    yield from batch
+                if sched.out:
+                    batch, sched.out = sched.out, []
+                    yield batch
                 if sched.done:
                     break
                 backend.step(sched)
@@ -188,16 +194,17 @@ class Pipeline:
         if on_result is not None and not callable(on_result):
             raise TypeError(f"on_result: expected a callable or None, got {on_result!r}")
         run = self._prepare(items, strategy, cancel, clock)
+        run.observed = on_result is not None or cancel is not None
         results: list[ItemResult] = []
-        append = results.append
         try:
-            for r in run.results():
-                append(r)
+            for batch in run.batches():
+                results += batch
                 if on_result is not None:
-                    try:
-                        on_result(r)
-                    except Exception as exc:
-                        run.sched.fail_run(exc)
+                    for r in batch:
+                        try:
+                            on_result(r)
+                        except Exception as exc:
+                            run.sched.fail_run(exc)
         finally:
             run.close()
         results.sort(key=lambda r: r.index)

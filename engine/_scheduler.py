@@ -144,16 +144,14 @@ class Scheduler:
         self.open += 1
         return _Item(index, key, value)
 
-    def enter(self, item: _Item, stage: int) -> None:
-        """Queue ``item`` for ``stage`` (its first attempt there)."""
-        item.stage = stage
+    def advance(self, item: _Item) -> None:
+        """Queue ``item`` for its next stage (the first after admission), first attempt there.
+
+        Items only ever move forward one stage, so this is the policies' one way to move them.
+        """
+        item.stage += 1
         item.attempt = 1
-        in_flight = self.in_flight  # _submit, inlined: this runs for every call
-        n = in_flight[stage] = in_flight[stage] + 1
-        if n > self.peak[stage]:
-            self.peak[stage] = n
-        item.queued_at = self._now()
-        self._send(stage, item)
+        self._submit(item)
 
     def _submit(self, item: _Item) -> None:
         s = item.stage

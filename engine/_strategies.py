@@ -7,7 +7,8 @@ called by the scheduler and nothing else:
 * ``fill()``            -- admit what the rule allows now (pull items lazily from the input);
 * ``stage_done(item)``  -- ``item`` finished a stage that is not its last: where does it go?
 * ``item_done(item)``   -- ``item`` ended (ok, failed or cancelled): may it become visible?
-* the scheduler's ``enter`` / ``emit`` / ``admit_one`` are the only effects a policy has.
+* the scheduler's ``advance`` / ``emit`` / ``admit_one`` / ``drop`` are the only effects a
+  policy has.
 
 All strategies run under the same per-stage concurrency limits: those are enforced by the
 backend's slots, not here, so comparisons are at equal resource budget.
@@ -139,12 +140,15 @@ class ParallelBatches:
 
 
 class _ContinuousPolicy:
-    __slots__ = ("in_flight", "sched", "window")
+    __slots__ = ("in_flight", "sched", "stage_done", "window")
 
     def __init__(self, sched: Scheduler, window: int | None) -> None:
         self.sched = sched
         self.window = window
         self.in_flight = 0
+        # An item that leaves a stage enters the next one at once: the scheduler's own method
+        # is the whole rule, so the policy hands it over (one call less per stage call).
+        self.stage_done = sched.advance
 
     def fill(self) -> None:
         sched = self.sched
@@ -156,10 +160,7 @@ class _ContinuousPolicy:
             if item is None:
                 return
             self.in_flight += 1
-            sched.enter(item, 0)
-
-    def stage_done(self, item: _Item) -> None:
-        self.sched.enter(item, item.stage + 1)
+            sched.advance(item)
 
     def item_done(self, item: _Item) -> None:
         self.in_flight -= 1
@@ -205,7 +206,7 @@ class _BatchPolicy:
         self.running += 1
         for item in members:
             item.batch = batch
-            sched.enter(item, 0)
+            sched.advance(item)
         return True
 
     def stage_done(self, item: _Item) -> None:
@@ -233,7 +234,7 @@ class _BatchPolicy:
         if released:
             released.sort(key=lambda it: it.index)  # FIFO into the next stage, in input order
             for item in released:
-                sched.enter(item, item.stage + 1)
+                sched.advance(item)
             return
         if batch.active == 0:  # every member ended: the batch completes, visible together
             self.running -= 1

@@ -113,3 +113,31 @@ def test_virtual_stream_closed_early() -> None:
     gen = Pipeline(stages).stream(range(n), clock="virtual")
     assert next(gen).status == "ok"
     gen.close()
+
+
+@pytest.mark.parametrize("strategy", [Continuous(), Continuous(max_in_flight=None),
+                                      Batched(size=20), ParallelBatches(lanes=3, size=10)],
+                         ids=lambda s: f"{s.name}-{s.params}")
+def test_unobserved_run_gives_the_same_report(strategy) -> None:
+    """run() with nobody watching (no on_result, no token) computes the run in one go; with a
+    watcher it stops at every result. Both are the same schedule, result for result."""
+    from engine import RetryPolicy
+
+    class Flaky(Table):
+        def simulate(self, call, value):
+            if call.index % 7 == 0 and call.attempt == 1:
+                return Simulated(0.3, None, RuntimeError("flaky"))
+            return super().simulate(call, value)
+
+    n, stages = _stages()
+    stages[1] = Stage("analyze", Flaky(stages[1].fn.durations), 6,
+                      retry=RetryPolicy(attempts=2, backoff=0.25))
+    p = Pipeline(stages)
+    alone = p.run(range(n), strategy, clock="virtual")
+    seen = []
+    watched = p.run(range(n), strategy, clock="virtual", on_result=seen.append)
+    streamed = sorted(p.stream(range(n), strategy, clock="virtual"), key=lambda r: r.index)
+    assert alone.items == watched.items == tuple(streamed)
+    assert alone.stages == watched.stages and alone.wall_time == watched.wall_time
+    assert [r.visible_at for r in seen] == sorted(r.visible_at for r in alone.items)
+    assert sum(len(r.stages[1].attempts) for r in alone.items) == n + len(range(0, n, 7))
