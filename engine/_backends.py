@@ -23,9 +23,11 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
+from ._cancel import CancelToken
 from ._context import CallInfo, Simulated, _local
+from ._scheduler import Backend
 
 if TYPE_CHECKING:
     from ._ratelimit import TokenBucket
@@ -34,8 +36,9 @@ if TYPE_CHECKING:
 
 __all__ = ["LiveBackend", "VirtualBackend"]
 
-_heappush = heapq.heappush
-_new = tuple.__new__  # builds a named tuple without its Python-level __new__ (hot path)
+_heappush: Final = heapq.heappush
+_heappop: Final = heapq.heappop
+_new: Final = tuple.__new__  # builds a named tuple without its Python-level __new__ (hot path)
 _WAKE = object()  # wakes the dispatcher (cancellation) without a completion
 _STOP = None  # tells a worker loop to exit
 
@@ -111,10 +114,10 @@ def _worker_loop(
                 close()
 
 
-class LiveBackend:
+class LiveBackend(Backend):
     """Real time on worker threads (and relays to process pools or other executors)."""
 
-    def __init__(self, stages: tuple[Stage, ...], cancel: Any) -> None:
+    def __init__(self, stages: tuple[Stage, ...], cancel: CancelToken) -> None:
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._timers: list[tuple[float, int, _Item]] = []
         self._seq = itertools.count()
@@ -220,7 +223,7 @@ class LiveBackend:
             ex.shutdown(wait=True)
 
 
-class VirtualBackend:
+class VirtualBackend(Backend):
     """Virtual time: an event heap, no threads, no sleeping."""
 
     @staticmethod
@@ -233,48 +236,41 @@ class VirtualBackend:
                     f".simulate(call, value) method (e.g. a simulators.SimulatedService), "
                     f"got {st.fn!r}")
 
-    def __init__(self, stages: tuple[Stage, ...], cancel: Any, *, observed: bool = True) -> None:
+    def __init__(self, stages: tuple[Stage, ...], cancel: CancelToken, *,
+                 observed: bool = True) -> None:
         self.check(stages)
         self.t = 0.0
         self._observed = observed
         self._heap: list[tuple[float, int, _Item, float | None, Simulated | None]] = []
-        self._seq = itertools.count()
+        self._n = 0
         self._cancel = cancel
-        self._names = [st.name for st in stages]
-        self._limits = [st.concurrency for st in stages]
-        self._running = [0] * len(stages)
-        self._waiting: list[deque[_Item]] = [deque() for _ in stages]
-        self._sims: list[Callable[..., Simulated]] = [st.fn.simulate for st in stages]  # type: ignore[attr-defined]
-        self._wants_now = [_accepts_now(f) for f in self._sims]
-        self._buckets = [st.rate_limit.bucket(0.0) if st.rate_limit is not None else None
-                         for st in stages]
+        self._stages = [_VStage(st) for st in stages]
 
     def now(self) -> float:
         return self.t
 
     def submit(self, s: int, item: _Item) -> None:
         """Start ``item``'s call at stage ``s`` now if a slot is free, else queue it (FIFO)."""
-        running = self._running
-        if running[s] >= self._limits[s]:
-            self._waiting[s].append(item)
+        st = self._stages[s]
+        if st.running >= st.limit:
+            st.waiting.append(item)
             return
-        running[s] += 1
+        st.running += 1
         t = self.t
+        self._n += 1
         if self._cancel.cancelled:
-            _heappush(self._heap, (t, next(self._seq), item, t, None))
+            _heappush(self._heap, (t, self._n, item, t, None))
             return
-        bucket = self._buckets[s]
+        bucket = st.bucket
         if bucket is not None:
             t = bucket.reserve(t)
-        call = _new(CallInfo, (item.index, item.key, self._names[s], s, item.attempt))
-        if self._wants_now[s]:
-            sim = self._sims[s](call, item.value, now=t)
-        else:
-            sim = self._sims[s](call, item.value)
-        _heappush(self._heap, (t + sim[0], next(self._seq), item, t, sim))
+        call = _new(CallInfo, (item.index, item.key, st.name, s, item.attempt))
+        sim = st.sim(call, item.value, now=t) if st.wants_now else st.sim(call, item.value)
+        _heappush(self._heap, (t + sim[0], self._n, item, t, sim))
 
     def call_later(self, delay: float, item: _Item) -> None:
-        heapq.heappush(self._heap, (self.t + delay, next(self._seq), item, None, None))
+        self._n += 1
+        _heappush(self._heap, (self.t + delay, self._n, item, None, None))
 
     def step(self, sched: Scheduler) -> None:
         """Run events until one makes a result visible (or nothing is left); when the run is
@@ -286,31 +282,43 @@ class VirtualBackend:
         heap = self._heap
         if not heap:
             raise RuntimeError("virtual clock: items are in flight but nothing is scheduled")
-        pop = heapq.heappop
-        running, waiting, submit = self._running, self._waiting, self.submit
-        on_done, on_timer, fill, out = sched.on_done, sched.on_timer, sched.policy.fill, sched.out
+        stages = self._stages
         observed = self._observed
-        while heap and not (out and observed):
-            end, _, item, start, sim = pop(heap)
+        while heap and not (sched.out and observed):
+            end, _, item, start, sim = _heappop(heap)
             self.t = end  # never earlier than now: every event is scheduled at now + d, d >= 0
             if start is None:  # a retry's backoff elapsed
-                on_timer(item)
+                sched.on_timer(item)
             else:
                 s = item.stage
-                running[s] -= 1
-                if waiting[s]:
-                    submit(s, waiting[s].popleft())  # the freed slot: first in line
+                st = stages[s]
+                st.running -= 1
+                if st.waiting:
+                    self.submit(s, st.waiting.popleft())  # the freed slot: first in line
                 if sim is None:
-                    on_done(item, end, end, None, None)
+                    sched.on_done(item, end, end, None, None)
                 elif sim[2] is None:
-                    on_done(item, start, end, True, sim[1])
+                    sched.on_done(item, start, end, True, sim[1])
                 else:
-                    on_done(item, start, end, False, sim[2])
+                    sched.on_done(item, start, end, False, sim[2])
             if not sched.exhausted:  # a policy admits only from the input: nothing left to do
-                fill()
+                sched.policy.fill()
 
     def close(self) -> None:
         self._heap.clear()
+
+
+class _VStage:
+    """One stage on the virtual clock: its slots, its FIFO and its simulator."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.name = stage.name
+        self.limit = stage.concurrency
+        self.running = 0
+        self.waiting: deque[_Item] = deque()
+        self.sim: Callable[..., Simulated] = stage.fn.simulate  # type: ignore[attr-defined]
+        self.wants_now = _accepts_now(self.sim)
+        self.bucket = stage.rate_limit.bucket(0.0) if stage.rate_limit is not None else None
 
 
 def _accepts_now(fn: Callable[..., Any]) -> bool:

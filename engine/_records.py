@@ -94,24 +94,6 @@ class ItemResult:
         _set(self, "_trace", None)
         _set(self, "_names", None)
 
-    @classmethod
-    def _recorded(cls, index: int, key: Hashable, status: str, value: Any,
-                  error: ErrorInfo | None, trace: list[Any], names: Sequence[str],
-                  visible_at: float | None) -> ItemResult:
-        """The scheduler's constructor. ``trace`` holds, per stage entered in order, either
-        ``start, end`` (one successful call) or a ready :class:`StageSpan` (any other case)."""
-        self = _object_new(cls)
-        _set(self, "index", index)
-        _set(self, "key", key)
-        _set(self, "status", status)
-        _set(self, "value", value)
-        _set(self, "error", error)
-        _set(self, "visible_at", visible_at)
-        _set(self, "_trace", trace)
-        _set(self, "_names", names)
-        _set(self, "_stages", None)
-        return self
-
     @property
     def stages(self) -> tuple[StageSpan, ...]:
         spans = self._stages
@@ -151,11 +133,11 @@ class ItemResult:
         return (type(self), self._fields())
 
 
-_object_new = object.__new__
-
 
 def _spans(trace: list[Any], names: Sequence[str]) -> Iterator[StageSpan]:
-    """The :class:`StageSpan` records of a compact trace (see ``ItemResult._recorded``)."""
+    """The :class:`StageSpan` records of a compact trace: per stage entered, in order, either
+    ``start, end`` (one successful call) or a ready :class:`StageSpan` (any other case). The
+    scheduler writes it (``engine._scheduler``, which also builds these results)."""
     i, k, n = 0, 0, len(trace)
     while i < n:
         x = trace[i]

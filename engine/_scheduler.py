@@ -23,11 +23,11 @@ of items that arrived there, and at most `concurrency` workers call `fn` at any 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 from ._cancel import CancelToken
 from ._records import Attempt, ErrorInfo, ItemResult, StageSpan, StageStats
-from ._retry import RetryPolicy, unit_random
+from ._retry import unit_random
 
 if TYPE_CHECKING:
     from ._stage import Stage
@@ -37,7 +37,25 @@ __all__ = ["Backend", "Scheduler"]
 
 # Records are built on the hot path (one Attempt and one StageSpan per call): tuple.__new__ with
 # the named-tuple class skips the generated Python __new__ and builds the same record.
-_new = tuple.__new__
+_new: Final = tuple.__new__
+_object_new: Final = object.__new__
+_set: Final = object.__setattr__
+
+
+def _result(index: int, key: Hashable, status: str, value: Any, error: ErrorInfo | None,
+            trace: list[Any], names: tuple[str, ...], visible_at: float | None) -> ItemResult:
+    """An ItemResult whose stages are built from ``trace`` on first read (see _records)."""
+    r = _object_new(ItemResult)
+    _set(r, "index", index)
+    _set(r, "key", key)
+    _set(r, "status", status)
+    _set(r, "value", value)
+    _set(r, "error", error)
+    _set(r, "visible_at", visible_at)
+    _set(r, "_trace", trace)
+    _set(r, "_names", names)
+    _set(r, "_stages", None)
+    return r
 
 
 class _Item:
@@ -60,14 +78,23 @@ class _Item:
         self.queued_at = 0.0
 
 
-class Backend(Protocol):
+class Backend:
     """Where calls run and what time it is. The scheduler asks nothing else of it."""
 
-    def now(self) -> float: ...
-    def submit(self, stage: int, item: _Item) -> None: ...
-    def call_later(self, delay: float, item: _Item) -> None: ...
-    def step(self, sched: Scheduler) -> None: ...
-    def close(self) -> None: ...
+    def now(self) -> float:
+        raise NotImplementedError
+
+    def submit(self, stage: int, item: _Item) -> None:
+        raise NotImplementedError
+
+    def call_later(self, delay: float, item: _Item) -> None:
+        raise NotImplementedError
+
+    def step(self, sched: Scheduler) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
 
 
 class Scheduler:
@@ -83,7 +110,6 @@ class Scheduler:
     ) -> None:
         self.names = tuple(s.name for s in stages)
         self.limits = [s.concurrency for s in stages]
-        self.retry: list[RetryPolicy | None] = [s.retry for s in stages]
         self.last = len(stages) - 1
         self._iter = items
         self._key = key
@@ -93,21 +119,12 @@ class Scheduler:
         self.exhausted = False
         self.error: BaseException | None = None  # raised by the input, a key or a callback
         self.out: list[ItemResult] = []
-        n = len(stages)
-        self.st_calls = [0] * n
-        self.st_errors = [0] * n
-        self.st_retries = [0] * n
-        self.st_busy = [0.0] * n
-        self.st_wait = [0.0] * n
-        self.in_flight = [0] * n
-        self.peak = [0] * n
+        self.stages = [_StageState(st) for st in stages]
         self.backend: Backend  # set by attach()
         self.policy: Policy = strategy.policy(self)
 
     def attach(self, backend: Backend) -> None:
         self.backend = backend
-        self._now = backend.now  # bound once: _submit runs for every call
-        self._send = backend.submit
 
     # -- state the loop reads ------------------------------------------------------------------
     @property
@@ -155,12 +172,13 @@ class Scheduler:
 
     def _submit(self, item: _Item) -> None:
         s = item.stage
-        in_flight = self.in_flight
-        n = in_flight[s] = in_flight[s] + 1
-        if n > self.peak[s]:
-            self.peak[s] = n
-        item.queued_at = self._now()
-        self._send(s, item)
+        st = self.stages[s]
+        st.in_flight += 1
+        if st.in_flight > st.peak:
+            st.peak = st.in_flight
+        backend = self.backend
+        item.queued_at = backend.now()
+        backend.submit(s, item)
 
     def drop(self, item: _Item) -> None:
         """End ``item`` as cancelled without telling the policy (it is the one asking)."""
@@ -169,13 +187,13 @@ class Scheduler:
     def emit(self, items: tuple[_Item, ...] | list[_Item]) -> None:
         """``items`` become visible now (together)."""
         now = self.backend.now()
-        append, result, names = self.out.append, ItemResult._recorded, self.names
+        out, names = self.out, self.names
         for it in items:
             status = it.status
             if status == "ok":
-                append(result(it.index, it.key, status, it.value, None, it.trace, names, now))
+                out.append(_result(it.index, it.key, status, it.value, None, it.trace, names, now))
             else:
-                append(result(it.index, it.key, status, None, it.error, it.trace, names,
+                out.append(_result(it.index, it.key, status, None, it.error, it.trace, names,
                               None if status == "cancelled" else now))
             it.value = None
         self.open -= len(items)
@@ -184,13 +202,14 @@ class Scheduler:
     def on_done(self, item: _Item, start: float, end: float, ok: bool | None, result: Any) -> None:
         """A call of ``item`` at its current stage ended (``ok=None``: it never started)."""
         s = item.stage
-        self.in_flight[s] -= 1
+        st = self.stages[s]
+        st.in_flight -= 1
         if ok is None:
             self._finish(item, "cancelled")
             return
-        self.st_calls[s] += 1
-        self.st_busy[s] += end - start
-        self.st_wait[s] += start - item.queued_at
+        st.calls += 1
+        st.busy += end - start
+        st.wait += start - item.queued_at
         if ok:
             calls = item.calls
             if calls:  # earlier attempts failed
@@ -214,14 +233,14 @@ class Scheduler:
             return
         err = ErrorInfo(self.names[s], type(result).__name__, str(result))
         item.calls.append(_new(Attempt, (start, end, err)))
-        self.st_errors[s] += 1
-        policy = self.retry[s]
+        st.errors += 1
+        policy = st.retry
         if (policy is not None and not self.cancel.cancelled
                 and policy.should_retry(result, item.attempt)):
             delay = policy.delay(result, item.attempt, unit_random(item.index, s, item.attempt))
             item.attempt += 1
-            self.st_retries[s] += 1
-            self.in_flight[s] += 1  # a retry waiting for its timer still belongs to the stage
+            st.retries += 1
+            st.in_flight += 1  # a retry waiting for its timer still belongs to the stage
             self.backend.call_later(delay, item)
             return
         if self.cancel.cancelled:
@@ -232,7 +251,7 @@ class Scheduler:
 
     def on_timer(self, item: _Item) -> None:
         """A retry's backoff has elapsed: back to the end of its stage's queue."""
-        self.in_flight[item.stage] -= 1
+        self.stages[item.stage].in_flight -= 1
         if self.cancel.cancelled:
             self._finish(item, "cancelled")
         else:
@@ -249,8 +268,23 @@ class Scheduler:
 
     def stats(self, wall: float) -> tuple[StageStats, ...]:
         return tuple(
-            StageStats(self.names[s], self.limits[s], self.st_calls[s], self.st_errors[s],
-                       self.st_retries[s], self.st_busy[s], self.st_wait[s],
-                       min(self.peak[s], self.limits[s]), wall)
-            for s in range(len(self.names))
+            StageStats(st.name, st.limit, st.calls, st.errors, st.retries, st.busy, st.wait,
+                       min(st.peak, st.limit), wall)
+            for st in self.stages
         )
+
+
+class _StageState:
+    """A stage's counters, kept by the scheduler (the backend keeps its own slots)."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.name = stage.name
+        self.limit = stage.concurrency
+        self.retry = stage.retry
+        self.in_flight = 0  # queued, running or waiting for a retry's timer
+        self.peak = 0
+        self.calls = 0
+        self.errors = 0
+        self.retries = 0
+        self.busy = 0.0  # sum of call durations
+        self.wait = 0.0  # sum over calls of (start - time queued)

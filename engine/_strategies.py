@@ -43,10 +43,15 @@ def _positive_int(owner: str, field: str, value: object) -> None:
         raise ValueError(f"{owner}.{field}: expected an int >= 1, got {value!r}")
 
 
-class Policy(Protocol):
-    def fill(self) -> None: ...
-    def stage_done(self, item: _Item) -> None: ...
-    def item_done(self, item: _Item) -> None: ...
+class Policy:
+    def fill(self) -> None:
+        raise NotImplementedError
+
+    def stage_done(self, item: _Item) -> None:
+        raise NotImplementedError
+
+    def item_done(self, item: _Item) -> None:
+        raise NotImplementedError
 
 
 class Strategy(Protocol):
@@ -139,16 +144,13 @@ class ParallelBatches:
         return _BatchPolicy(sched, self.size, lanes=self.lanes, lockstep=self.lockstep)
 
 
-class _ContinuousPolicy:
-    __slots__ = ("in_flight", "sched", "stage_done", "window")
+class _ContinuousPolicy(Policy):
+    __slots__ = ("in_flight", "sched", "window")
 
     def __init__(self, sched: Scheduler, window: int | None) -> None:
         self.sched = sched
         self.window = window
         self.in_flight = 0
-        # An item that leaves a stage enters the next one at once: the scheduler's own method
-        # is the whole rule, so the policy hands it over (one call less per stage call).
-        self.stage_done = sched.advance
 
     def fill(self) -> None:
         sched = self.sched
@@ -161,6 +163,9 @@ class _ContinuousPolicy:
                 return
             self.in_flight += 1
             sched.advance(item)
+
+    def stage_done(self, item: _Item) -> None:
+        self.sched.advance(item)
 
     def item_done(self, item: _Item) -> None:
         self.in_flight -= 1
@@ -176,7 +181,7 @@ class _Batch:
         self.arrived: list[_Item] = []  # members waiting at the current barrier
 
 
-class _BatchPolicy:
+class _BatchPolicy(Policy):
     __slots__ = ("lanes", "lockstep", "running", "sched", "size")
 
     def __init__(self, sched: Scheduler, size: int, *, lanes: int, lockstep: bool) -> None:
