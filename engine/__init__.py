@@ -7,6 +7,7 @@
     for result in pipeline.stream(contacts, strategy=Continuous()):
         ...
 """
+from ._accel import COMPILED  # first (keep it so): picks the compiled hot path or the sources
 from ._cancel import CancelToken
 from ._context import CallInfo, Simulated, SupportsSimulate, current_call
 from ._pipeline import Pipeline
@@ -27,6 +28,7 @@ from ._strategies import AUTO, Batched, Continuous, ParallelBatches
 
 __all__ = [
     "AUTO",
+    "COMPILED",
     "Attempt",
     "Batched",
     "CallInfo",

@@ -20,7 +20,6 @@ import itertools
 import queue
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
@@ -43,15 +42,19 @@ _WAKE = object()  # wakes the dispatcher (cancellation) without a completion
 _STOP = None  # tells a worker loop to exit
 
 
-_running: weakref.WeakSet[LiveBackend] = weakref.WeakSet()
+# Live backends not closed yet: id -> abandon. close() removes its entry; a stream dropped
+# without close() is closed by its generator's finally when collected, so only a stream still
+# referenced at interpreter exit is left here (a dict, not a WeakSet: compiled classes take
+# no weak references).
+_running: dict[int, Callable[[], None]] = {}
 
 
 def _abandon_all() -> None:
-    # A stream dropped without close() (e.g. held by a global at exit) would leave worker loops
-    # blocked on their queues and the interpreter waiting forever to join them. Like
-    # concurrent.futures (whose own hook runs after this one), stop them before the join.
-    for backend in list(_running):
-        backend.abandon()
+    # A stream held at exit (e.g. by a global) would leave worker loops blocked on their
+    # queues and the interpreter waiting forever to join them. Like concurrent.futures (whose
+    # own hook runs after this one), stop them before the join.
+    for abandon in list(_running.values()):
+        abandon()
 
 
 threading._register_atexit(_abandon_all)  # type: ignore[attr-defined]
@@ -127,13 +130,13 @@ class LiveBackend(Backend):
         self._workers: list[int] = []
         self._owned: list[concurrent.futures.Executor] = []
         self._remove_wake = cancel._on_cancel(self.wake)
+        _running[id(self)] = self.abandon
         try:
             for i, st in enumerate(stages):
                 self._start_stage(i, st)
         except BaseException:
             self.close()
             raise
-        _running.add(self)
         # the run's clock starts once every worker thread exists (creating 100+ threads takes
         # tens of ms on a loaded machine: that is set-up, not scheduling)
         self.base = time.perf_counter()
@@ -214,7 +217,7 @@ class LiveBackend(Backend):
 
     def close(self) -> None:
         """Stop every worker loop and join every thread this backend started."""
-        _running.discard(self)
+        _running.pop(id(self), None)
         self._remove_wake()
         self._stop_workers()
         for pool in self._pools:

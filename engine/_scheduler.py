@@ -30,8 +30,9 @@ from ._records import Attempt, ErrorInfo, ItemResult, StageSpan, StageStats
 from ._retry import unit_random
 
 if TYPE_CHECKING:
+    from ._policies import Policy, _Batch
     from ._stage import Stage
-    from ._strategies import Policy, Strategy, _Batch
+    from ._strategies import Strategy
 
 __all__ = ["Backend", "Scheduler"]
 

@@ -1,0 +1,61 @@
+"""Which engine runs: the hot path compiled by mypyc, or the pure-Python sources.
+
+``setup.py`` compiles the modules in ``HOT`` from these very sources when it can. At import,
+the sources are used instead when
+
+* ``CONVEYOR_PURE=1`` is set (to step through the engine in a debugger or profile it with
+  cProfile, which cannot see into compiled code), or
+* any compiled module is missing or older than its source (a checkout edited after the last
+  build: a warning says so, and the edits run rather than a stale build).
+
+It is all or nothing: compiled classes cannot be mixed with interpreted subclasses.
+"""
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import warnings
+from pathlib import Path
+
+HOT = ("_scheduler", "_policies", "_backends")  # in dependency order
+_PKG = __name__.rpartition(".")[0]
+_HERE = Path(__file__).parent
+
+
+def _select() -> bool:
+    if os.environ.get("CONVEYOR_PURE", "") not in ("", "0"):
+        _load_sources()
+        return False
+    built = []
+    for name in HOT:
+        spec = importlib.util.find_spec(f"{_PKG}.{name}")
+        origin = spec.origin if spec is not None else None
+        if origin is None or not origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+            _load_sources()
+            return False  # not built (no compiler, or a pure install): nothing to say
+        built.append((name, os.path.getmtime(origin)))
+    stale = [n for n, t in built if (_HERE / f"{n}.py").stat().st_mtime > t]
+    if stale:
+        warnings.warn(
+            f"engine: compiled {', '.join(stale)} older than the source; running the "
+            f"pure-Python sources (rebuild: pip install -e .)", RuntimeWarning, stacklevel=3)
+        _load_sources()
+        return False
+    return True
+
+
+def _load_sources() -> None:
+    for name in HOT:
+        full = f"{_PKG}.{name}"
+        spec = importlib.util.spec_from_file_location(full, _HERE / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[full] = module
+        spec.loader.exec_module(module)
+        setattr(sys.modules[_PKG], name, module)
+
+
+COMPILED: bool = _select()
+"""True when the mypyc-compiled hot path is in use, False when the pure-Python sources are."""

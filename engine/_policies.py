@@ -1,0 +1,133 @@
+"""Per-run policies: the strategies' rules as the scheduler consults them (the hot path).
+
+A strategy (``engine._strategies``) is the frozen, validated description a user writes; its
+``policy(sched)`` builds one of these for each run. The scheduler calls ``fill``,
+``stage_done`` and ``item_done`` and nothing else; a policy's only effects are the scheduler's
+``admit_one`` / ``advance`` / ``emit`` / ``drop``. This module is compiled by mypyc when the
+package is built with a C compiler (see setup.py); the strategies stay plain Python so that
+their validation messages name the field.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._scheduler import Scheduler, _Item
+
+__all__ = ["Policy"]
+
+
+class Policy:
+    def fill(self) -> None:
+        raise NotImplementedError
+
+    def stage_done(self, item: _Item) -> None:
+        raise NotImplementedError
+
+    def item_done(self, item: _Item) -> None:
+        raise NotImplementedError
+
+
+class _ContinuousPolicy(Policy):
+    __slots__ = ("in_flight", "sched", "window")
+
+    def __init__(self, sched: Scheduler, window: int | None) -> None:
+        self.sched = sched
+        self.window = window
+        self.in_flight = 0
+
+    def fill(self) -> None:
+        sched = self.sched
+        if sched.exhausted:  # after the last admission this is all fill does, once per event
+            return
+        window = self.window
+        while window is None or self.in_flight < window:
+            item = sched.admit_one()
+            if item is None:
+                return
+            self.in_flight += 1
+            sched.advance(item)
+
+    def stage_done(self, item: _Item) -> None:
+        self.sched.advance(item)
+
+    def item_done(self, item: _Item) -> None:
+        self.in_flight -= 1
+        self.sched.emit((item,))
+
+
+class _Batch:
+    __slots__ = ("active", "arrived", "members")
+
+    def __init__(self, members: list[_Item]) -> None:
+        self.members = members
+        self.active = len(members)  # members not yet ended
+        self.arrived: list[_Item] = []  # members waiting at the current barrier
+
+
+class _BatchPolicy(Policy):
+    __slots__ = ("lanes", "lockstep", "running", "sched", "size")
+
+    def __init__(self, sched: Scheduler, size: int, *, lanes: int, lockstep: bool) -> None:
+        self.sched = sched
+        self.size = size
+        self.lanes = lanes
+        self.lockstep = lockstep
+        self.running = 0  # batches started and not complete
+
+    def fill(self) -> None:
+        if self.lockstep and self.running:
+            return
+        while self.running < self.lanes and self._start_batch():
+            pass
+
+    def _start_batch(self) -> bool:
+        sched = self.sched
+        members: list[_Item] = []
+        while len(members) < self.size:
+            item = sched.admit_one()
+            if item is None:
+                break
+            members.append(item)
+        if not members:
+            return False
+        batch = _Batch(members)
+        self.running += 1
+        for item in members:
+            item.batch = batch
+            sched.advance(item)
+        return True
+
+    def stage_done(self, item: _Item) -> None:
+        batch = item.batch
+        assert batch is not None
+        batch.arrived.append(item)
+        self._check(batch)
+
+    def item_done(self, item: _Item) -> None:
+        batch = item.batch
+        assert batch is not None
+        batch.active -= 1
+        self._check(batch)
+
+    def _check(self, batch: _Batch) -> None:
+        if len(batch.arrived) < batch.active:
+            return  # the barrier holds
+        sched = self.sched
+        released, batch.arrived = batch.arrived, []
+        if released and sched.cancelled:
+            for item in released:
+                sched.drop(item)  # cancelled at the barrier
+            batch.active -= len(released)
+            released = []
+        if released:
+            released.sort(key=lambda it: it.index)  # FIFO into the next stage, in input order
+            for item in released:
+                sched.advance(item)
+            return
+        if batch.active == 0:  # every member ended: the batch completes, visible together
+            self.running -= 1
+            sched.emit(batch.members)
+            for item in batch.members:
+                item.batch = None
+            self.fill()

@@ -1,0 +1,43 @@
+"""Build hook: compile the engine's hot path with mypyc when possible (pure Python otherwise).
+
+The scheduler, the strategies' policies, the backends and the cancel token are compiled from
+the very same sources (mypyc, as black and mypy ship themselves). It is optional on purpose:
+
+* ``CONVEYOR_PURE=1 pip install ...`` skips compilation;
+* a machine without a C compiler gets the pure-Python package (each extension is ``optional``:
+  a failed build is a warning, not an error);
+* at import, ``CONVEYOR_PURE=1`` (or a compiled module older than its source) makes the engine
+  load the pure-Python sources instead; ``engine.COMPILED`` says which one runs.
+"""
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+from setuptools import setup
+
+
+def hot_modules() -> list[str]:
+    """engine/_accel.py's HOT tuple (one list of compiled modules, read without importing)."""
+    tree = ast.parse((Path(__file__).parent / "engine" / "_accel.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "HOT":
+            return [f"engine/{name}.py" for name in ast.literal_eval(node.value)]
+    raise RuntimeError("engine/_accel.py: no HOT tuple")
+
+
+def ext_modules() -> list:
+    if os.environ.get("CONVEYOR_PURE", "") not in ("", "0"):
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:  # no mypy in the build environment: pure Python
+        return []
+    exts = mypycify(hot_modules(), opt_level="3")
+    for ext in exts:
+        ext.optional = True
+    return exts
+
+
+setup(ext_modules=ext_modules())
