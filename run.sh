@@ -3,13 +3,6 @@
 # writes results/ and prints the comparison table. Extra arguments go to `python -m bench`.
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-if ! .venv/bin/python -c "import engine, simulators, bench, numpy, matplotlib" 2>/dev/null \
-   || [ pyproject.toml -nt .venv/.installed-run ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e .
-  touch .venv/.installed-run
-fi
+. scripts/venv.sh
+ensure_venv "" "engine simulators bench numpy matplotlib"
 exec .venv/bin/python -m bench "$@"

@@ -1,15 +1,10 @@
 #!/usr/bin/env bash
 # Set up (once) and run the test suite. Needs only Python 3.11; PostgreSQL 15's binaries must be
-# at /usr/lib/postgresql/15/bin (the tests start a throwaway cluster themselves).
+# at /usr/lib/postgresql/15/bin (the tests start a throwaway cluster themselves). The engine's
+# hot path is compiled with mypyc when gcc is there (setup.py); CONVEYOR_PURE=1 tests the
+# pure-Python sources instead.
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-if ! .venv/bin/python -c "import engine, pytest, hypothesis, pytest_timeout, stagepipe" 2>/dev/null \
-   || [ pyproject.toml -nt .venv/.installed ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
-  touch .venv/.installed
-fi
+. scripts/venv.sh
+ensure_venv "[dev]" "engine pytest hypothesis pytest_timeout stagepipe"
 exec .venv/bin/python -m pytest "$@"
