@@ -1,13 +1,16 @@
 """Build hook: compile the engine's hot path with mypyc when possible (pure Python otherwise).
 
-The scheduler, the strategies' policies, the backends and the cancel token are compiled from
-the very same sources (mypyc, as black and mypy ship themselves). It is optional on purpose:
+The engine's scheduler, the strategies' policies and the backends, and the simulators' per-call
+path of ``SimulatedService.simulate``, are compiled from the very same sources (mypyc, as black
+and mypy ship themselves). The lists are ``HOT`` in engine/_accel.py and simulators/_accel.py.
+It is optional on purpose:
 
 * ``CONVEYOR_PURE=1 pip install ...`` skips compilation;
 * a machine without a C compiler gets the pure-Python package (each extension is ``optional``:
   a failed build is a warning, not an error);
 * at import, ``CONVEYOR_PURE=1`` (or a compiled module older than its source) makes the engine
-  load the pure-Python sources instead; ``engine.COMPILED`` says which one runs.
+  load the pure-Python sources instead; ``engine.COMPILED`` and ``simulators.COMPILED`` say
+  which one runs.
 """
 from __future__ import annotations
 
@@ -18,13 +21,14 @@ from pathlib import Path
 from setuptools import setup
 
 
-def hot_modules() -> list[str]:
-    """engine/_accel.py's HOT tuple (one list of compiled modules, read without importing)."""
-    tree = ast.parse((Path(__file__).parent / "engine" / "_accel.py").read_text())
+def hot_modules(package: str) -> list[str]:
+    """<package>/_accel.py's HOT tuple (the one list of its compiled modules), read without
+    importing the package."""
+    tree = ast.parse((Path(__file__).parent / package / "_accel.py").read_text())
     for node in tree.body:
         if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "HOT":
-            return [f"engine/{name}.py" for name in ast.literal_eval(node.value)]
-    raise RuntimeError("engine/_accel.py: no HOT tuple")
+            return [f"{package}/{name}.py" for name in ast.literal_eval(node.value)]
+    raise RuntimeError(f"{package}/_accel.py: no HOT tuple")
 
 
 def ext_modules() -> list:
@@ -34,7 +38,7 @@ def ext_modules() -> list:
         from mypyc.build import mypycify
     except ImportError:  # no mypy in the build environment: pure Python
         return []
-    exts = mypycify(hot_modules(), opt_level="3")
+    exts = mypycify(hot_modules("engine") + hot_modules("simulators"), opt_level="3")
     for ext in exts:
         ext.optional = True
     return exts

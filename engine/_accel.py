@@ -20,42 +20,45 @@ import warnings
 from pathlib import Path
 
 HOT = ("_scheduler", "_policies", "_backends")  # in dependency order
-_PKG = __name__.rpartition(".")[0]
-_HERE = Path(__file__).parent
 
 
-def _select() -> bool:
+def use_compiled(package: str, here: Path, hot: tuple[str, ...]) -> bool:
+    """Import ``package``'s ``hot`` modules compiled if built and fresh, else from sources.
+
+    Call it from the package's ``__init__`` before anything imports those modules; returns
+    True when the compiled ones are in use. (``simulators`` uses it too.)
+    """
     if os.environ.get("CONVEYOR_PURE", "") not in ("", "0"):
-        _load_sources()
+        _load_sources(package, here, hot)
         return False
     built = []
-    for name in HOT:
-        spec = importlib.util.find_spec(f"{_PKG}.{name}")
+    for name in hot:
+        spec = importlib.util.find_spec(f"{package}.{name}")
         origin = spec.origin if spec is not None else None
         if origin is None or not origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
-            _load_sources()
+            _load_sources(package, here, hot)
             return False  # not built (no compiler, or a pure install): nothing to say
         built.append((name, os.path.getmtime(origin)))
-    stale = [n for n, t in built if (_HERE / f"{n}.py").stat().st_mtime > t]
+    stale = [n for n, t in built if (here / f"{n}.py").stat().st_mtime > t]
     if stale:
         warnings.warn(
-            f"engine: compiled {', '.join(stale)} older than the source; running the "
+            f"{package}: compiled {', '.join(stale)} older than the source; running the "
             f"pure-Python sources (rebuild: pip install -e .)", RuntimeWarning, stacklevel=3)
-        _load_sources()
+        _load_sources(package, here, hot)
         return False
     return True
 
 
-def _load_sources() -> None:
-    for name in HOT:
-        full = f"{_PKG}.{name}"
-        spec = importlib.util.spec_from_file_location(full, _HERE / f"{name}.py")
+def _load_sources(package: str, here: Path, hot: tuple[str, ...]) -> None:
+    for name in hot:
+        full = f"{package}.{name}"
+        spec = importlib.util.spec_from_file_location(full, here / f"{name}.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[full] = module
         spec.loader.exec_module(module)
-        setattr(sys.modules[_PKG], name, module)
+        setattr(sys.modules[package], name, module)
 
 
-COMPILED: bool = _select()
+COMPILED: bool = use_compiled(__name__.rpartition(".")[0], Path(__file__).parent, HOT)
 """True when the mypyc-compiled hot path is in use, False when the pure-Python sources are."""

@@ -71,7 +71,7 @@ class _Item:
         self.value = value
         self.stage = -1
         self.attempt = 1
-        self.calls: list[Attempt] = []  # failed attempts at the current stage
+        self.calls: list[Attempt] | None = None  # failed attempts at the current stage
         self.trace: list[Any] = []  # per stage: start, end (one ok call) or a StageSpan
         self.status = ""
         self.error: ErrorInfo | None = None
@@ -217,7 +217,7 @@ class Scheduler:
                 calls.append(_new(Attempt, (start, end, None)))
                 item.trace.append(_new(StageSpan, (self.names[s], calls[0][0], end,
                                                    tuple(calls))))
-                item.calls = []
+                item.calls = None
             else:  # the common case, recorded as two floats (ItemResult builds the span)
                 trace = item.trace
                 trace.append(start)
@@ -233,6 +233,8 @@ class Scheduler:
                 self.policy.stage_done(item)
             return
         err = ErrorInfo(self.names[s], type(result).__name__, str(result))
+        if item.calls is None:
+            item.calls = []
         item.calls.append(_new(Attempt, (start, end, err)))
         st.errors += 1
         policy = st.retry
@@ -263,7 +265,7 @@ class Scheduler:
         if calls:
             item.trace.append(
                 StageSpan(self.names[item.stage], calls[0].start, calls[-1].end, tuple(calls)))
-            item.calls = []
+            item.calls = None
         item.status = status
         self.policy.item_done(item)
 

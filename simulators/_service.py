@@ -39,6 +39,7 @@ from ._faults import (
     TransientError,
 )
 from ._sampling import BLOCK_SHIFT, BlockCache, check_seed_and_scale, draw_block
+from ._virtual import VirtualCalls
 
 __all__ = ["SimulatedService"]
 
@@ -106,6 +107,8 @@ class SimulatedService:
         self._epoch: float | None = None
         self._vlast = -math.inf
         self._counter = itertools.count()
+        self._virtual = VirtualCalls(self)
+        self.simulate = self._virtual.simulate  # type: ignore[method-assign]  # the per-call path, bound once
 
     def __repr__(self) -> str:
         return (
@@ -193,26 +196,18 @@ class SimulatedService:
 
         ``now`` is the virtual time the call starts at; the engine's virtual backend passes it
         as a keyword. It is needed only for rate limits and outages (ignored without it).
-        Refused calls (rate limit, outage) take 0 s.
+        Refused calls (rate limit, outage) take 0 s. (Each instance binds ``simulate`` to its
+        ``VirtualCalls``, compiled when the package is: this is the same call.)
         """
-        index = call.index
-        blk = self._blocks.get((call.attempt, index >> BLOCK_SHIFT))
-        if blk is None:
-            blk = self._block(index, call.attempt)
-        if self._time_dependent and now is not None:
-            with self._lock:
-                if now < self._vlast - 1e-9 and self._bucket is not None:
-                    self._bucket.reset()  # time went back: a new run
-                self._vlast = now
-                refused = self._refusal(now)
-            if refused is not None:
-                return Simulated(0.0, None, refused)
-        off = index & _MASK
-        code = blk[1][off]
-        if code:
-            return Simulated(blk[0][off], None, self._error(code, index, call.attempt))
-        # tuple.__new__ skips the NamedTuple's Python-level __new__: ~0.1 us of a ~0.4 us call
-        return _new(Simulated, (blk[0][off], value, None))
+        return self._virtual.simulate(call, value, now=now)
+
+    def _refused(self, now: float) -> BaseException | None:
+        """The refusal of a call starting at virtual time ``now`` (outage, rate limit)."""
+        with self._lock:
+            if now < self._vlast - 1e-9 and self._bucket is not None:
+                self._bucket.reset()  # time went back: a new run
+            self._vlast = now
+            return self._refusal(now)
 
     # ------------------------------------------------------------------ live
     def __call__(self, value: Any) -> Any:

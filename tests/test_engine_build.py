@@ -43,15 +43,29 @@ RUN = textwrap.dedent("""
         def __call__(self, value):
             return value
 
+    import simulators
+    from simulators import Faults, SimulatedService
+
     stages = [Stage(f"s{k}", Sim(k), c, retry=RetryPolicy(attempts=2, backoff=0.3))
               for k, c in enumerate((4, 3, 2))]
-    out = {"compiled": engine.COMPILED,
-           "files": [getattr(engine, m).__file__ for m in engine._accel.HOT]}
+    # the simulators' per-call path too: errors, timeouts, a rate limit and an outage
+    services = [
+        Stage("fetch", SimulatedService("fetch", {"dist": "lognormal", "median": 1, "p99": 4},
+                                        Faults(error_rate=0.1, timeout=3.0), seed=3), 5,
+              retry=RetryPolicy(attempts=3, backoff=0.5)),
+        Stage("llm", SimulatedService("llm", {"dist": "exponential", "mean": 0.5},
+                                      Faults(rate_limit=4.0, outages=[(5.0, 8.0)]), seed=3), 4,
+              retry=RetryPolicy(attempts=4, backoff=0.2)),
+    ]
+    out = {"compiled": [engine.COMPILED, simulators.COMPILED],
+           "files": [getattr(engine, m).__file__ for m in engine._accel.HOT]
+                    + [simulators._virtual.__file__]}
     for strategy in (Continuous(), Continuous(max_in_flight=5), Batched(size=7),
                      ParallelBatches(lanes=2, size=5)):
-        doc = Pipeline(stages).run(range(60), strategy, clock="virtual").to_json()
-        doc["metadata"].pop("started_at")
-        out[strategy.name + json.dumps(strategy.params)] = doc
+        for name, st in (("sim", stages), ("services", services)):
+            doc = Pipeline(st).run(range(60), strategy, clock="virtual").to_json()
+            doc["metadata"].pop("started_at")
+            out[name + strategy.name + json.dumps(strategy.params)] = doc
     print(json.dumps(out))
 """)
 
@@ -65,15 +79,20 @@ def run_child(env_extra: dict[str, str], pythonpath: Path | None = None
                           env=env, cwd=pythonpath or ROOT, timeout=100, check=True)
 
 
-def test_the_flag_says_which_modules_run() -> None:
+def test_the_flags_say_which_modules_run() -> None:
+    import simulators
+    from simulators._accel import HOT as SIM_HOT
+
     files = [getattr(engine, name).__file__ for name in HOT]
     assert all(f.endswith(EXT) == engine.COMPILED for f in files), files
     assert isinstance(engine.COMPILED, bool) and "COMPILED" in engine.__all__
+    files = [getattr(simulators, name).__file__ for name in SIM_HOT]
+    assert all(f.endswith(EXT) == simulators.COMPILED for f in files), files
 
 
 def test_sources_on_request() -> None:
     out = json.loads(run_child({"CONVEYOR_PURE": "1"}).stdout)
-    assert out["compiled"] is False
+    assert out["compiled"] == [False, False]
     assert all(f.endswith(".py") for f in out["files"])
 
 
@@ -81,12 +100,16 @@ def test_sources_on_request() -> None:
 def test_compiled_and_sources_decide_the_same() -> None:
     compiled = json.loads(run_child({}).stdout)
     pure = json.loads(run_child({"CONVEYOR_PURE": "1"}).stdout)
-    assert compiled.pop("compiled") is True and pure.pop("compiled") is False
+    assert compiled.pop("compiled") == [True, True] and pure.pop("compiled") == [False, False]
     compiled.pop("files"), pure.pop("files")
-    assert compiled.keys() == pure.keys() and len(compiled) == 4
+    assert compiled.keys() == pure.keys() and len(compiled) == 8
     for name in compiled:
         assert compiled[name] == pure[name], name  # every call's start and end, every status
-        assert compiled[name]["summary"]["failed"] == 1
+        if name.startswith("sim"):
+            assert compiled[name]["summary"]["failed"] == 1
+        else:  # the faults were hit: retried calls (errors, timeouts, refusals)
+            assert sum(st["attempts"] - 1 for it in compiled[name]["items"]
+                       for st in it["stages"]) > 20
 
 
 @needs_build
@@ -100,6 +123,7 @@ def test_a_build_older_than_its_source_is_not_used(tmp_path: Path) -> None:
     os.utime(src, (future, future))
     proc = run_child({}, pythonpath=tmp_path)
     out = json.loads(proc.stdout)
-    assert out["compiled"] is False
-    assert all(f.startswith(str(tmp_path)) and f.endswith(".py") for f in out["files"])
+    assert out["compiled"][0] is False
+    engine_files = out["files"][:len(HOT)]
+    assert all(f.startswith(str(tmp_path)) and f.endswith(".py") for f in engine_files)
     assert "older than the source" in proc.stderr and "_policies" in proc.stderr
