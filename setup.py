@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import os
+import warnings
 from pathlib import Path
 
 from setuptools import setup
@@ -36,11 +37,14 @@ def ext_modules() -> list:
         return []
     try:
         from mypyc.build import mypycify
-    except ImportError:  # no mypy in the build environment: pure Python
+
+        exts = mypycify(hot_modules("engine") + hot_modules("simulators"), opt_level="3")
+    except (ImportError, Exception, SystemExit) as exc:  # mypyc missing or refusing: pure
+        warnings.warn(f"conveyor: not compiling the hot path ({type(exc).__name__}: {exc}); "
+                      f"installing pure Python", stacklevel=1)
         return []
-    exts = mypycify(hot_modules("engine") + hot_modules("simulators"), opt_level="3")
     for ext in exts:
-        ext.optional = True
+        ext.optional = True  # no C compiler: pure Python
     return exts
 
 

@@ -39,7 +39,9 @@ def use_compiled(package: str, here: Path, hot: tuple[str, ...]) -> bool:
             _load_sources(package, here, hot)
             return False  # not built (no compiler, or a pure install): nothing to say
         built.append((name, os.path.getmtime(origin)))
-    stale = [n for n, t in built if (here / f"{n}.py").stat().st_mtime > t]
+    # 2 s of slack: installing a wheel writes each .py just after its .so (the .so sorts
+    # first), which must not count as an edit; an edit made that soon after a build cannot be
+    stale = [n for n, t in built if (here / f"{n}.py").stat().st_mtime > t + 2.0]
     if stale:
         warnings.warn(
             f"{package}: compiled {', '.join(stale)} older than the source; running the "
