@@ -18,13 +18,18 @@ __all__ = ["Policy"]
 
 
 class Policy:
+    """What a strategy decides during a run (a base class, so compiled calls are direct)."""
+
     def fill(self) -> None:
+        """Admit what the rule allows now (pull items lazily with ``sched.admit_one``)."""
         raise NotImplementedError
 
     def stage_done(self, item: _Item) -> None:
+        """``item`` finished a stage that is not its last: where does it go?"""
         raise NotImplementedError
 
     def item_done(self, item: _Item) -> None:
+        """``item`` ended (ok, failed or cancelled): may it become visible?"""
         raise NotImplementedError
 
 

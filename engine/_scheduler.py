@@ -80,21 +80,30 @@ class _Item:
 
 
 class Backend:
-    """Where calls run and what time it is. The scheduler asks nothing else of it."""
+    """Where calls run and what time it is. The scheduler asks nothing else of it.
+
+    A base class rather than a Protocol: the live and virtual backends subclass it, so the
+    compiled scheduler calls them directly.
+    """
 
     def now(self) -> float:
+        """Seconds since the run started (real or virtual)."""
         raise NotImplementedError
 
     def submit(self, stage: int, item: _Item) -> None:
+        """Queue a call of ``item`` at ``stage`` (it starts when a slot is free, FIFO)."""
         raise NotImplementedError
 
     def call_later(self, delay: float, item: _Item) -> None:
+        """Call ``sched.on_timer(item)`` after ``delay`` seconds (a retry's backoff)."""
         raise NotImplementedError
 
     def step(self, sched: Scheduler) -> None:
+        """Wait for completions and report each to ``sched.on_done``."""
         raise NotImplementedError
 
     def close(self) -> None:
+        """Release everything the backend holds (threads, pools)."""
         raise NotImplementedError
 
 
