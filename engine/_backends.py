@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from ._cancel import CancelToken
-from ._context import CallInfo, Simulated, _local
+from ._context import CallInfo, Simulated, _local, checkpoint
 from ._scheduler import Backend
 
 if TYPE_CHECKING:
@@ -287,7 +287,11 @@ class VirtualBackend(Backend):
             raise RuntimeError("virtual clock: items are in flight but nothing is scheduled")
         stages = self._stages
         observed = self._observed
+        events = 0
         while heap and not (sched.out and observed):
+            events += 1
+            if not events & 1023:
+                checkpoint()  # compiled, this loop may not enter the interpreter: see Ctrl-C
             end, _, item, start, sim = _heappop(heap)
             self.t = end  # never earlier than now: every event is scheduled at now + d, d >= 0
             if start is None:  # a retry's backoff elapsed

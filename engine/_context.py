@@ -59,3 +59,9 @@ def current_call() -> CallInfo:
     if not isinstance(info, CallInfo):  # the worker stores a cheap tuple; build the record lazily
         info = CallInfo._make(info)
     return info
+
+
+def checkpoint() -> None:
+    """A Python-level no-op. Compiled loops that may run long without calling any Python code
+    (the virtual clock) call it now and then: entering it lets the interpreter run pending
+    signal handlers, so Ctrl-C interrupts them."""

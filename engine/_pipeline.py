@@ -46,6 +46,7 @@ class _Run:
         # Nobody can act between two results (run() with no on_result and no cancel token):
         # the virtual clock may then run to the end in one go instead of stopping at each.
         self.observed = True
+        self.abandoned = False  # a virtual step raised: close() must not try to settle
 
     def _start(self) -> Backend:
         # Not in __init__: a stream() that is never iterated must not leave threads behind.
@@ -89,7 +90,13 @@ class _Run:
                     yield batch
                 if sched.done:
                     break
-                backend.step(sched)
+                try:
+                    backend.step(sched)
+                except BaseException:
+                    # Raised mid-event (Ctrl-C, a simulator's bug): the virtual clock's state
+                    # is half-updated, and with nothing running there is nothing to settle.
+                    self.abandoned = self.clock == "virtual"
+                    raise
                 sched.policy.fill()
         finally:
             self.close()
@@ -101,7 +108,7 @@ class _Run:
         self.closed = True
         sched, backend = self.sched, self.backend
         try:
-            if backend is not None and not sched.done:
+            if backend is not None and not sched.done and not self.abandoned:
                 self.token.cancel("closed")
                 while not sched.done:
                     sched.out.clear()  # nobody will read these any more

@@ -1,10 +1,16 @@
 """The virtual clock runs the same scheduler: it predicts the live engine's schedule."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
 
+from contract import ROOT
 from engine import Batched, Continuous, ParallelBatches, Pipeline, Simulated, Stage, current_call
 
 pytestmark = pytest.mark.timeout(60)
@@ -141,3 +147,41 @@ def test_unobserved_run_gives_the_same_report(strategy) -> None:
     assert alone.stages == watched.stages and alone.wall_time == watched.wall_time
     assert [r.visible_at for r in seen] == sorted(r.visible_at for r in alone.items)
     assert sum(len(r.stages[1].attempts) for r in alone.items) == n + len(range(0, n, 7))
+
+
+INTERRUPT_SCRIPT = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from engine import Continuous, Pipeline, Stage
+    from simulators import SimulatedService
+
+    stages = [Stage(f"s{{k}}", SimulatedService(f"s{{k}}", {{"dist": "exponential", "mean": 1}},
+                                               seed=1), 8) for k in range(3)]
+    p = Pipeline(stages)
+    p.run(range(20_000), clock="virtual")  # every latency block cached: no Python per call
+    print("ready", flush=True)
+    t = time.perf_counter()
+    try:
+        for _ in range(10_000):
+            p.run(range(20_000), Continuous(), clock="virtual")
+        print("finished")
+    except KeyboardInterrupt:
+        print(f"interrupted {{time.perf_counter() - t:.2f}}")
+""")
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_interrupts_a_long_virtual_run_at_once() -> None:
+    """Nothing runs on the virtual clock, so Ctrl-C needs no settling: KeyboardInterrupt comes
+    out promptly (compiled too, where the loop may never enter the interpreter), not an error
+    from a half-handled event."""
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPT_SCRIPT.format(root=str(ROOT))],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert out.startswith("interrupted"), (out, err)
+    assert float(out.split()[1]) < 3.0, out  # 1 s of running, then a prompt stop
+    assert "RuntimeError" not in err, err
