@@ -134,10 +134,11 @@ class ItemResult:
 
 
 
-def _spans(trace: list[Any], names: Sequence[str]) -> Iterator[StageSpan]:
-    """The :class:`StageSpan` records of a compact trace: per stage entered, in order, either
-    ``start, end`` (one successful call) or a ready :class:`StageSpan` (any other case). The
-    scheduler writes it (``engine._scheduler``, which also builds these results)."""
+def _trace_rows(trace: list[Any], names: Sequence[str]
+                ) -> Iterator[StageSpan | tuple[str, float, float]]:
+    """Walk a compact trace: per stage entered, in order, the scheduler (``engine._scheduler``,
+    which also builds these results) wrote either ``start, end`` (one successful call) or a
+    ready :class:`StageSpan` (any other case). Yields that span, or ``(name, start, end)``."""
     i, k, n = 0, 0, len(trace)
     while i < n:
         x = trace[i]
@@ -145,10 +146,19 @@ def _spans(trace: list[Any], names: Sequence[str]) -> Iterator[StageSpan]:
             yield x
             i += 1
         else:
-            end = trace[i + 1]
-            yield StageSpan(names[k], x, end, (Attempt(x, end, None),))
+            yield names[k], x, trace[i + 1]
             i += 2
         k += 1
+
+
+def _spans(trace: list[Any], names: Sequence[str]) -> Iterator[StageSpan]:
+    """The :class:`StageSpan` records of a compact trace."""
+    for row in _trace_rows(trace, names):
+        if isinstance(row, StageSpan):
+            yield row
+        else:
+            name, start, end = row
+            yield StageSpan(name, start, end, (Attempt(start, end, None),))
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,18 +254,14 @@ def _stage_docs(r: ItemResult, scale: float) -> list[dict[str, Any]]:
     if trace is None or names is None:  # built by hand, or its stages were already read
         return [_span_doc(sp, scale) for sp in r.stages]
     docs = []
-    i, k, n = 0, 0, len(trace)
-    while i < n:  # the compact trace read directly: no StageSpan built for a one-call stage
-        x = trace[i]
-        if x.__class__ is StageSpan:
-            docs.append(_span_doc(x, scale))
-            i += 1
+    for row in _trace_rows(trace, names):  # read directly: no StageSpan for a one-call stage
+        if isinstance(row, StageSpan):
+            docs.append(_span_doc(row, scale))
         else:
-            start, end = x / scale, trace[i + 1] / scale
-            docs.append({"name": names[k], "start": start, "end": end, "attempts": 1,
+            name, start, end = row
+            start, end = start / scale, end / scale
+            docs.append({"name": name, "start": start, "end": end, "attempts": 1,
                          "calls": [[start, end]]})
-            i += 2
-        k += 1
     return docs
 
 
