@@ -32,6 +32,7 @@ __all__ = ["BLOCK_SIZE", "BlockCache", "draw_block", "stable_hash"]
 
 BLOCK_SHIFT = 12
 BLOCK_SIZE = 1 << BLOCK_SHIFT  # 4096 item indices per block
+BLOCK_MASK = BLOCK_SIZE - 1  # index & BLOCK_MASK: the index's place in its block
 LATENCY_STREAM = 0
 FAULT_STREAM = 1
 

@@ -38,13 +38,12 @@ from ._faults import (
     TokenBucket,
     TransientError,
 )
-from ._sampling import BLOCK_SHIFT, BlockCache, check_seed_and_scale, draw_block
+from ._sampling import BLOCK_MASK, BLOCK_SHIFT, BlockCache, check_seed_and_scale, draw_block
 from ._virtual import VirtualCalls
 
 __all__ = ["SimulatedService"]
 
-_MASK: Final = (1 << BLOCK_SHIFT) - 1
-_new = tuple.__new__
+_MASK: Final = BLOCK_MASK
 OK, ERROR, TIMEOUT = 0, 1, 2
 _KINDS = ("ok", "error", "timeout")
 

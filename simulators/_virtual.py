@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING, Any, Final
 
 from engine._context import CallInfo, Simulated
 
-from ._sampling import BLOCK_SHIFT
+from ._sampling import BLOCK_MASK, BLOCK_SHIFT
 
 if TYPE_CHECKING:
     from ._service import SimulatedService
 
 __all__ = ["VirtualCalls"]
 
-_SHIFT: Final = BLOCK_SHIFT
-_MASK: Final = (1 << BLOCK_SHIFT) - 1
+_SHIFT: Final = BLOCK_SHIFT  # Final aliases: constants in compiled code
+_MASK: Final = BLOCK_MASK
 _new: Final = tuple.__new__  # skips the NamedTuple's Python-level __new__
 
 
