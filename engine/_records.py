@@ -88,9 +88,13 @@ class ItemResult:
     def __init__(self, index: int, key: Hashable, status: Status, value: Any,
                  error: ErrorInfo | None, stages: Sequence[StageSpan],
                  visible_at: float | None) -> None:
-        for name, v in zip(_FIELDS, (index, key, status, value, error, tuple(stages), visible_at),
-                           strict=True):
-            _set(self, "_stages" if name == "stages" else name, v)
+        _set(self, "index", index)
+        _set(self, "key", key)
+        _set(self, "status", status)
+        _set(self, "value", value)
+        _set(self, "error", error)
+        _set(self, "visible_at", visible_at)
+        _set(self, "_stages", tuple(stages))
         _set(self, "_trace", None)
         _set(self, "_names", None)
 
@@ -98,8 +102,11 @@ class ItemResult:
     def stages(self) -> tuple[StageSpan, ...]:
         spans = self._stages
         if spans is None:
-            spans = tuple(_spans(self._trace, self._names))  # type: ignore[arg-type]
-            _set(self, "_stages", spans)  # two threads may both build it: the same tuple
+            trace = self._trace
+            if trace is None:  # another thread built them since: _stages is set before this
+                return self._stages  # type: ignore[return-value]
+            spans = tuple(_spans(trace, self._names))  # type: ignore[arg-type]
+            _set(self, "_stages", spans)  # two threads may both build them: equal tuples
             _set(self, "_trace", None)
         return spans
 

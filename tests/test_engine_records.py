@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import sys
 from dataclasses import FrozenInstanceError
 
 import pytest
@@ -110,3 +111,39 @@ def test_results_document_is_the_same_read_lazily_or_not() -> None:
     assert json.dumps(lazy, sort_keys=True) == json.dumps(built, sort_keys=True)
     doc = lazy["items"][0]["stages"][1]
     assert doc["name"] == "b" and doc["attempts"] == 2 and len(doc["calls"]) == 2
+
+
+def test_stages_read_from_many_threads_at_once() -> None:
+    """Results are shared between threads: concurrent first reads of ``stages`` all see the
+    same spans (each may build them; none may see the trace already released). The window
+    this guards is a few bytecodes wide: the test exercises the path, it cannot force it."""
+    import threading
+
+    from engine import Continuous
+
+    report = Pipeline([Stage("a", lambda x: x, 4), Stage("b", lambda x: x, 4)]).run(
+        range(3000), Continuous())
+    seen: list[list[tuple[StageSpan, ...]]] = [[] for _ in range(8)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def read(k: int) -> None:
+        try:
+            start.wait()
+            seen[k] = [r.stages for r in report.items]
+        except BaseException as exc:  # pragma: no cover - the failure being tested for
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors
+    assert all(s == seen[0] for s in seen) and len(seen[0]) == 3000
+    assert all([sp.name for sp in spans] == ["a", "b"] for spans in seen[0])
