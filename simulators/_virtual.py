@@ -33,12 +33,7 @@ class VirtualCalls:
         self.timed: bool = service._time_dependent
 
     def simulate(self, call: CallInfo, value: Any, *, now: float | None = None) -> Simulated:
-        """The call's duration (scenario seconds) and outcome, without sleeping.
-
-        ``now`` is the virtual time the call starts at; the engine's virtual backend passes it
-        as a keyword. It is needed only for rate limits and outages (ignored without it).
-        Refused calls (rate limit, outage) take 0 s.
-        """
+        """``SimulatedService.simulate`` (documented there): each service binds it as that."""
         index: int = call[0]
         attempt: Any = call[4]
         blk: Any = self.blocks.get((attempt, index >> _SHIFT))
