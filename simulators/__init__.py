@@ -2,7 +2,6 @@
 simulated services for the live and virtual clocks, and local fake HTTP servers
 (``simulators.servers``)."""
 
-from ._accel import COMPILED  # first (keep it so): picks the compiled _virtual or its source
 from ._distributions import (
     Constant,
     Distribution,
@@ -29,7 +28,6 @@ from ._sampling import stable_hash
 from ._service import SimulatedService
 
 __all__ = [
-    "COMPILED",
     "Constant",
     "Distribution",
     "Empirical",

@@ -8,7 +8,10 @@ consecutive item indices (same seed, name and attempt) are drawn at once::
 
 and cached; a call is then a dict lookup plus a list index. ``stream`` 0 holds latencies and
 stream 1 the uniforms that decide faults, so changing a latency spec never changes which items
-fail (and vice versa). The numbers do not depend on the order in which blocks are first asked
+fail (and vice versa); stream 2 holds the uniforms that decide whether a repeated call (a retry)
+repeats the item's first latency (``correlation``). A hedge (a duplicate of an attempt) has its
+own three streams (3, 4, 5), so it never shares numbers with the attempt it duplicates.
+The numbers do not depend on the order in which blocks are first asked
 for, nor on threads: live and virtual runs see the same per-item values.
 
 The cache keeps the ``max_blocks`` most recently *created* blocks (first in, first out): items
@@ -28,13 +31,15 @@ import numpy as np
 
 from ._distributions import Distribution, FloatArray
 
-__all__ = ["BLOCK_SIZE", "BlockCache", "draw_block", "stable_hash"]
+__all__ = ["BLOCK_SIZE", "BlockCache", "draw_block", "draw_uniforms", "stable_hash"]
 
 BLOCK_SHIFT = 12
 BLOCK_SIZE = 1 << BLOCK_SHIFT  # 4096 item indices per block
 BLOCK_MASK = BLOCK_SIZE - 1  # index & BLOCK_MASK: the index's place in its block
 LATENCY_STREAM = 0
 FAULT_STREAM = 1
+REPEAT_STREAM = 2
+HEDGE_STREAMS = 3  #: a hedge's streams: the attempt's plus this offset
 
 T = TypeVar("T")
 
@@ -60,18 +65,34 @@ def stable_hash(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
+def _rng(seed: int, name: str, attempt: int, block: int, stream: int) -> np.random.Generator:
+    ss = np.random.SeedSequence([seed, stable_hash(name), attempt, block, stream])
+    return np.random.Generator(np.random.PCG64(ss))
+
+
 def draw_block(
-    latency: Distribution, seed: int, name: str, attempt: int, block: int, n: int = BLOCK_SIZE
+    latency: Distribution,
+    seed: int,
+    name: str,
+    attempt: int,
+    block: int,
+    n: int = BLOCK_SIZE,
+    *,
+    hedge: bool = False,
 ) -> tuple[FloatArray, FloatArray]:
-    """Latencies and fault uniforms for item indices ``block*n .. block*n+n-1`` at ``attempt``."""
-    h = stable_hash(name)
-    lat_rng = np.random.Generator(
-        np.random.PCG64(np.random.SeedSequence([seed, h, attempt, block, LATENCY_STREAM]))
-    )
-    u_rng = np.random.Generator(
-        np.random.PCG64(np.random.SeedSequence([seed, h, attempt, block, FAULT_STREAM]))
-    )
+    """Latencies and fault uniforms for item indices ``block*n .. block*n+n-1`` at ``attempt``
+    (of its hedge when ``hedge``)."""
+    off = HEDGE_STREAMS if hedge else 0
+    lat_rng = _rng(seed, name, attempt, block, LATENCY_STREAM + off)
+    u_rng = _rng(seed, name, attempt, block, FAULT_STREAM + off)
     return latency.sample(lat_rng, n), u_rng.random(n)
+
+
+def draw_uniforms(
+    seed: int, name: str, attempt: int, block: int, stream: int, n: int = BLOCK_SIZE
+) -> FloatArray:
+    """``n`` uniforms in [0, 1) of one named stream (e.g. ``REPEAT_STREAM``)."""
+    return _rng(seed, name, attempt, block, stream).random(n)
 
 
 class BlockCache(Generic[T]):

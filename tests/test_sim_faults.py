@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from engine._context import CallInfo
+from engine import CallInfo
 from simulators import (
     Faults,
     OutageError,

@@ -7,12 +7,12 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from engine import _context
-from engine._context import CallInfo, Simulated
+from engine import CallInfo, Simulated, _context
 from simulators import (
     Faults,
     OutageError,
@@ -32,9 +32,24 @@ SPEC = {
 
 
 @contextmanager
-def engine_call(index: int, attempt: int = 1, stage: str = "fetch") -> Iterator[CallInfo]:
-    """Pretend to be the engine's worker thread running (index, attempt)."""
-    info = CallInfo(index, index, stage, 0, attempt)
+def engine_call(
+    index: int, attempt: int = 1, stage: str = "fetch", hedge: bool = False
+) -> Iterator[Any]:
+    """Pretend to be the engine's worker thread running (index, attempt[, hedge]); yields the
+    record ``current_call()`` reads (``.charged`` holds what the call charged, where the engine
+    supports ``charge``)."""
+    if hasattr(_context, "CurrentCall"):  # the engine's worker stores its own call record
+        info: Any = SimpleNamespace(
+            item=SimpleNamespace(index=index, key=index),
+            name=stage,
+            stage=0,
+            attempt=attempt,
+            hedge=hedge,
+            charged=None,
+            lost=False,
+        )
+    else:  # an engine whose current_call() returns the stored CallInfo as it is
+        info = tuple.__new__(CallInfo, (index, index, stage, 0, attempt, hedge))
     _context._local.call = info
     try:
         yield info
@@ -176,7 +191,8 @@ def test_simulate_accepts_now_keyword_for_the_engine() -> None:
     import inspect
 
     params = inspect.signature(SimulatedService("s", 0.0).simulate).parameters
-    assert params["now"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert params["now"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert params["now"].default is None
 
 
 @pytest.mark.timeout(30)
