@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 import random
 from dataclasses import FrozenInstanceError
@@ -245,7 +246,7 @@ def test_converges_near_capacity(initial: int, capacity: int) -> None:
     # the timeline is a record of every change, starting at (0, initial)
     assert ctl.timeline[0] == (0.0, initial)
     assert all(a[0] <= b[0] and a[1] != b[1]
-               for a, b in zip(ctl.timeline, ctl.timeline[1:], strict=False))
+               for a, b in itertools.pairwise(ctl.timeline))
     assert ctl.timeline[-1][1] == ctl.limit
 
 
@@ -254,7 +255,7 @@ def test_from_above_cuts_once_per_round_trip() -> None:
     # limit steps down 200 -> 150 -> 112 -> ... rather than collapsing on the first burst
     ctl, _ = closed_loop(Adaptive(200, max=250), 20, duration=5.0)
     limits = [lim for _, lim in ctl.timeline]
-    cuts = [b for a, b in zip(limits, limits[1:], strict=False) if b < a]
+    cuts = [b for a, b in itertools.pairwise(limits) if b < a]
     assert cuts[:4] == [150, 112, 84, 63]
     assert min(limits) >= 14
 

@@ -69,11 +69,11 @@ def test_cost_validation_takes_nothing() -> None:
         b.reserve({"tokens": math.nan}, 0.0)
     with pytest.raises(TypeError, match=r"cost\['tokens'\]"):
         b.reserve({"tokens": "5"}, 0.0)
-    with pytest.raises(TypeError, match="Budget.reserve: cost: expected a mapping"):
+    with pytest.raises(TypeError, match=r"Budget\.reserve: cost: expected a mapping"):
         b.reserve(5, 0.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"Budget.settle: actual\['tokens'\]"):
         b.settle({"tokens": 5}, {"tokens": -1}, 0.0)
-    with pytest.raises(TypeError, match="Budget.pause"):
+    with pytest.raises(TypeError, match=r"Budget\.pause"):
         b.pause("soon")  # type: ignore[arg-type]
     assert b.available(0.0) == {"requests": 10.0, "tokens": 1000.0}
 
