@@ -24,6 +24,7 @@ from ._faults import (
     TransientError,
     parse_faults,
 )
+from ._provider import Provider, ProviderResult, Usage
 from ._sampling import stable_hash
 from ._service import SimulatedService
 
@@ -38,12 +39,15 @@ __all__ = [
     "Normal",
     "OutageError",
     "Pareto",
+    "Provider",
+    "ProviderResult",
     "RateLimitError",
     "ServiceTimeout",
     "SimulatedFault",
     "SimulatedService",
     "TransientError",
     "Uniform",
+    "Usage",
     "as_distribution",
     "parse_faults",
     "parse_latency",

@@ -44,15 +44,26 @@ class ServiceTimeout(SimulatedFault, TimeoutError):
 class RateLimitError(SimulatedFault):
     """The service refused the call (HTTP 429).
 
-    ``retry_after``: seconds until the service would accept a call.
+    ``retry_after``: seconds until the service would accept a call. ``remaining`` and ``reset``
+    (a ``Provider``'s refusals; empty otherwise): per limit dimension ("requests", "tokens"),
+    what is left in the bucket and the seconds until it is full again, as OpenAI's
+    ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*`` headers say.
     """
 
-    def __init__(self, message: str, retry_after: float) -> None:
+    def __init__(
+        self,
+        message: str,
+        retry_after: float,
+        remaining: Mapping[str, float] | None = None,
+        reset: Mapping[str, float] | None = None,
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.remaining: dict[str, float] = dict(remaining or {})
+        self.reset: dict[str, float] = dict(reset or {})
 
-    def __reduce__(self) -> tuple[Any, ...]:  # keep retry_after across pickling (process pools)
-        return (type(self), (str(self), self.retry_after))
+    def __reduce__(self) -> tuple[Any, ...]:  # keep the fields across pickling (process pools)
+        return (type(self), (str(self), self.retry_after, self.remaining, self.reset))
 
 
 class OutageError(SimulatedFault):
