@@ -251,8 +251,8 @@ ops = st.lists(st.tuples(st.floats(0.0, 2.0), st.sampled_from(["reserve", "settl
                max_size=80)
 
 
-def _run(b: Budget, seq: list, overrun: bool) -> tuple[list, list]:
-    """Drive ``b``; return the ledger [(time, dim, amount, is_grant)] and the calls."""
+def _run(b: Budget, seq: list, overrun: bool) -> tuple[list, list, float]:
+    """Drive ``b``; return the ledger [(time, dim, amount, is_grant)], the calls, the end."""
     dims = list(b.per_minute)
     burst = b.burst
     now = 0.0
@@ -277,7 +277,7 @@ def _run(b: Budget, seq: list, overrun: bool) -> tuple[list, list]:
             call["act"] = actual
             for d in dims:
                 ledger.append((now, d, actual[d] - call["est"][d], False))
-    return ledger, calls
+    return ledger, calls, now
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -287,7 +287,7 @@ def test_ledger_never_exceeds_rate_plus_burst(b: Budget, seq: list, overrun: boo
     # settlement): over any window ending at a granted reservation, the net charge is at most
     # rate * w + burst. Overruns (actual > estimate) are charged when the call ends: they delay
     # later reservations instead of breaking the bound.
-    ledger, _ = _run(b, seq, overrun)
+    ledger, _, _ = _run(b, seq, overrun)
     rate = {d: v / 60.0 for d, v in b.per_minute.items()}
     burst = b.burst
     for j, (tj, dj, _, grant) in enumerate(ledger):
@@ -308,8 +308,7 @@ def test_actual_spend_long_run_within_bound(b: Budget, seq: list, overrun: bool)
     # With actual costs (the estimate for calls not settled yet), everything spent since the
     # budget was full fits rate * T + burst by the time the next call may start: debt from
     # overruns is repaid before it can (and refunds only return what was taken).
-    _, calls = _run(b, seq, overrun)
-    end = calls[-1]["at"] if calls else 0.0
+    _, calls, end = _run(b, seq, overrun)
     zero = dict.fromkeys(b.per_minute, 0.0)
     for _ in range(1000):
         wait = b.reserve(zero, end)
