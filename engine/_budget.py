@@ -260,6 +260,15 @@ class Budget:
         added (refund, capped at the burst) or taken (charge; the bucket may go negative, a debt
         later reservations wait out). Invalid amounts raise as in :meth:`reserve`, before
         anything changes.
+
+        The bound this keeps: in the bucket's own ledger (estimates charged when calls start,
+        corrections when they end), the net charge over any window ending at a granted
+        reservation is at most ``rate * w + burst``; with actual costs, everything reserved
+        since the budget was full fits ``rate * T + burst`` once the next call may start (debt
+        repaid). Counted with actual costs at reservation times, a window may exceed the bound
+        by an overrun (known only when the call ends) or by a refund credited after the
+        bucket has meanwhile refilled: providers that count at request time see estimates, as
+        this ledger does.
         """
         est = self._needs("Budget.settle: estimate", estimate)
         _check_cost("Budget.settle: actual", actual)

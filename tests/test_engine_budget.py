@@ -133,6 +133,17 @@ def test_settle_refunds_and_charges() -> None:
     assert r.available(0.0) == pytest.approx({"requests": 0.0, "tokens": 0.0})
 
 
+def test_late_refund_is_credited_when_the_call_ends() -> None:
+    # Documented behaviour: a refund is credited when the call ends, capped at the burst, even
+    # if the bucket refilled meanwhile; the ledger bound (estimates at start, corrections at
+    # end) holds, a count of actual costs at reservation times can exceed it.
+    b = Budget("t", {"tokens": 60})  # 1/s, burst 1
+    assert b.reserve({"tokens": 1}, 0.0) == 0.0  # actual 0, known at t=10
+    assert b.reserve({"tokens": 1}, 10.0) == 0.0
+    b.settle({"tokens": 1}, {"tokens": 0}, 10.0)
+    assert b.available(10.0) == {"tokens": 1.0}
+
+
 def test_clock_going_back_refills_nothing() -> None:
     b = Budget("t", {"tokens": 600})
     assert b.reserve({"tokens": 10}, 5.0) == 0.0
