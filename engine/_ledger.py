@@ -245,7 +245,8 @@ class Entry:
 class Counts(TypedDict):
     """``Ledger.counts``: items done, failed, and with checkpoints but neither
     (``in_progress``); checkpointed outputs per stage and failures per failing stage, each in
-    the order the stages were first recorded."""
+    the order the stages were first recorded (ties: the larger count first, as an earlier
+    stage has at least as many outputs as a later one)."""
 
     done: int
     failed: int
@@ -271,10 +272,11 @@ _FAILURES: Final = ("SELECT item_key, failed_stage, error_type, message, traceba
                     "FROM {t} WHERE pipeline = {p} AND stage = '' AND status = 'failed' "
                     "ORDER BY recorded_at, item_key")
 _COUNT_ROWS: Final = ("SELECT stage, status, COUNT(*), MIN(recorded_at) FROM {t} "
-                      "WHERE pipeline = {p} GROUP BY stage, status ORDER BY MIN(recorded_at)")
+                      "WHERE pipeline = {p} GROUP BY stage, status "
+                      "ORDER BY MIN(recorded_at), COUNT(*) DESC, stage")
 _COUNT_FAILED_AT: Final = ("SELECT failed_stage, COUNT(*) FROM {t} WHERE pipeline = {p} "
                            "AND stage = '' AND status = 'failed' GROUP BY failed_stage "
-                           "ORDER BY MIN(recorded_at)")
+                           "ORDER BY MIN(recorded_at), COUNT(*) DESC, failed_stage")
 _COUNT_IN_PROGRESS: Final = ("SELECT COUNT(DISTINCT o.item_key) FROM {t} o "
                              "WHERE o.pipeline = {p} AND o.stage <> '' AND NOT EXISTS "
                              "(SELECT 1 FROM {t} i WHERE i.pipeline = o.pipeline "
