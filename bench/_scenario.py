@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from bench._memory import fits_message
+
 __all__ = [
     "STRATEGY_NAMES",
     "RateLimitSpec",
@@ -350,6 +352,9 @@ def _scenario(doc: Any, source: str, base: Path) -> Scenario:
             raise _Invalid(f"stages[{k}].name",
                            f"expected a unique stage name, {st.name!r} repeats")
         seen.add(st.name)
+    too_big = fits_message(items, stages)  # before anything runs, not when the kernel kills it
+    if too_big:
+        raise _Invalid("items", too_big)
     strategies_tbl = _table(doc["strategies"], "strategies")
     if not strategies_tbl:
         raise _Invalid("strategies", f"expected at least one of: {', '.join(STRATEGY_NAMES)}")
