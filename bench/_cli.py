@@ -1,6 +1,7 @@
 """``python -m bench``: the command line.
 
-    python -m bench                       the default suite -> results/
+    python -m bench                       the default suite -> results/latest/ (git-ignored)
+    python -m bench --out results         the same, rewriting the committed reference results
     python -m bench run --scenario seed --clock live --repeats 3 --out DIR
     python -m bench sweep --scenario seed --param stages.analyze.concurrency=10:200:10
     python -m bench compare DIR_A DIR_B
@@ -34,7 +35,11 @@ from bench._scenario import (
 
 __all__ = ["main"]
 
-DEFAULT_OUT = Path("results")
+#: the committed reference results (README's figures); written only when asked: --out results
+REFERENCE_OUT = Path("results")
+#: where runs go by default: git-ignored (bench writes its own .gitignore there), so running the
+#: suite leaves the checkout clean
+DEFAULT_OUT = REFERENCE_OUT / "latest"
 DEFAULT_LIVE_SCENARIO = "seed"
 DEFAULT_LIVE_REPEATS = 3
 
@@ -75,9 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "every built-in scenario x strategy on the virtual clock at full scale, "
                     f"then '{DEFAULT_LIVE_SCENARIO}' live at its time_scale with "
                     f"{DEFAULT_LIVE_REPEATS} repeats (each run in its own process) -- written "
-                    "to results/ with summary.csv, report.md and plots.")
+                    f"to {DEFAULT_OUT}/ (git-ignored) with summary.csv, report.md and plots. "
+                    f"The committed reference results in {REFERENCE_OUT}/ are rewritten only "
+                    f"with --out {REFERENCE_OUT}.")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="output directory of the default suite (default: results)")
+                   help=f"output directory of the default suite (default: {DEFAULT_OUT}, "
+                        f"git-ignored; --out {REFERENCE_OUT} rewrites the committed reference "
+                        "results)")
     p.add_argument("--live-repeats", type=int, default=DEFAULT_LIVE_REPEATS, metavar="N",
                    help="repeats of the live runs in the default suite; 0 skips them "
                         f"(default: {DEFAULT_LIVE_REPEATS})")
@@ -95,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="live runs sleep latency x X (default: the scenario's time_scale)")
         if out:
             sp.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-                            help="output directory (default: results)")
+                            help=f"output directory (default: {DEFAULT_OUT}, git-ignored)")
 
     run = sub.add_parser("run", help="run a scenario's strategies; write results, CSV, report "
                                      "and plots to --out")
@@ -112,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "10,25,50,100, strategies.parallel-batches.lanes=1:6:1, "
                             "strategies.continuous.max_in_flight=50,100,200,400,800")
     sweep.add_argument("--out", type=Path, metavar="DIR",
-                       help="default: results/sweeps/<scenario>--<param>")
+                       help=f"default: {DEFAULT_OUT}/sweeps/<scenario>--<param>")
     sweep.add_argument("--keep-runs", action="store_true",
                        help="keep every point's results file under DIR/points")
 
@@ -136,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     peers.add_argument("--time-scale", type=_positive_float, metavar="X",
                        help="sleep latency x X (default: the scenario's time_scale)")
     peers.add_argument("--out", type=Path, default=DEFAULT_OUT / "peers", metavar="DIR",
-                       help="where peers.csv and peers.md go (default: results/peers)")
+                       help=f"where peers.csv and peers.md go (default: {DEFAULT_OUT}/peers)")
 
     ls = sub.add_parser("live-services",
                         help="the example sync job on real clients (requests, openai) against "
@@ -150,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sleep the injected latency x X (default: the module's, see "
                          "bench/_live_services.py)")
     ls.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
-                    help="results go to DIR/live-services/ (default: results)")
+                    help=f"results go to DIR/live-services/ (default: {DEFAULT_OUT})")
     ls.add_argument("--no-plots", action="store_true", help="skip the plots")
     return p
 
@@ -158,22 +167,38 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- commands
 
 
+def _prepare_out(out: Path) -> None:
+    """The default output directory (or one below it) is git-ignored: mark it so before
+    anything is written there."""
+    from bench._results import mark_untracked
+
+    default = DEFAULT_OUT.resolve()
+    if out.resolve() == default or out.resolve().is_relative_to(default):
+        mark_untracked(DEFAULT_OUT)
+
+
 def _finish(out: Path, *, plots: bool = True, wall_s: float | None = None,
-            extra: Sequence[str] = ()) -> int:
-    """summary.csv, report.md and plots for everything under ``out``; print the headline."""
+            extra: Sequence[str] = (), fresh: Sequence[Path] | None = None) -> int:
+    """summary.csv, report.md and plots for everything under ``out``; print the headline.
+
+    ``fresh``: the results files this command wrote; rows of the others are labelled with
+    where they come from (a committed reference file, an earlier run). None: nothing ran
+    (``plot``), only committed files are labelled."""
     from bench._plots import plot_dir
     from bench._report import headline_table, write_report
-    from bench._results import load_runs, write_summary_csv
+    from bench._results import load_runs, origins, write_summary_csv
 
     runs = load_runs(out)
     if not runs:
         print(f"no results files under {out}", file=sys.stderr)
         return 1
+    labels = origins(runs, fresh)
     drawn = plot_dir(runs, out) if plots else {}
     write_summary_csv(runs, out, out / "summary.csv")
-    write_report(runs, out, out / "report.md", drawn, wall_s=wall_s, extra=extra)
+    write_report(runs, out, out / "report.md", drawn, wall_s=wall_s, extra=extra,
+                 origins=labels)
     print()
-    print(headline_table(runs))
+    print(headline_table(runs, labels))
     print(f"\nwrote {out / 'report.md'}, {out / 'summary.csv'}"
           + (f" and {sum(len(v) for v in drawn.values())} plots" if drawn else ""))
     bad = [r for r in runs if r.problems]
@@ -194,6 +219,7 @@ def cmd_default(args: argparse.Namespace) -> int:
         if d.is_dir():
             for f in d.glob("*.json"):
                 f.unlink()
+    _prepare_out(out)
     jobs = []
     for sc in scenarios:
         jobs += plan(sc, strategies=None, clock="virtual", repeats=1, time_scale=None, out=out)
@@ -204,7 +230,7 @@ def cmd_default(args: argparse.Namespace) -> int:
                          time_scale=None, out=out)
     outcomes = execute(jobs, Progress(len(jobs)))
     failed = [o for o in outcomes if not o.ok]
-    rc = _finish(out, wall_s=time.perf_counter() - t0)
+    rc = _finish(out, wall_s=time.perf_counter() - t0, fresh=[j.path for j in jobs])
     print(f"default suite: {len(outcomes)} runs in {time.perf_counter() - t0:.0f} s"
           + (f", {len(failed)} FAILED" if failed else ""))
     return 1 if failed or rc else 0
@@ -219,8 +245,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     names = _check_strategies(sc, args.strategies)
     jobs = plan(sc, strategies=names, clock=args.clock, repeats=args.repeats,
                 time_scale=args.time_scale, out=args.out)
+    _prepare_out(args.out)
     outcomes = execute(jobs, Progress(len(jobs)))
-    rc = _finish(args.out, plots=not args.no_plots, wall_s=time.perf_counter() - t0)
+    rc = _finish(args.out, plots=not args.no_plots, wall_s=time.perf_counter() - t0,
+                 fresh=[j.path for j in jobs])
     return 1 if any(not o.ok for o in outcomes) or rc else 0
 
 
@@ -244,6 +272,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     sc = resolve_scenario(args.scenario)
     names = _check_strategies(sc, args.strategies)
     out = args.out or DEFAULT_OUT / "sweeps" / f"{sc.name}--{param.slug}"
+    _prepare_out(out)
     rows, outcomes = run_sweep(sc, param, strategies=names, clock=args.clock,
                                time_scale=args.time_scale, out=out, keep_runs=args.keep_runs,
                                progress=Progress(len(param.values) * len(names)))
@@ -355,6 +384,7 @@ def cmd_live_services(args: argparse.Namespace) -> int:
     spec = LiveServicesSpec(items=args.items or DEFAULT_ITEMS,
                             time_scale=args.time_scale or DEFAULT_TIME_SCALE)
     names = args.strategies or ["continuous", "batched", "parallel-batches"]
+    _prepare_out(args.out)
     outcomes, report = run_live_services(spec, strategies=names, out=args.out,
                                          progress=Progress(len(names)), plots=not args.no_plots)
     if report is not None:
@@ -377,11 +407,25 @@ def cmd_peers(args: argparse.Namespace) -> int:
     from bench._peers import run_peers
 
     sc = resolve_scenario(args.scenario)
+    _prepare_out(args.out)
     return run_peers(sc, items=args.items, time_scale=args.time_scale, out=args.out)
 
 
 class _UsageError(Exception):
     pass
+
+
+def _out_problem(out: Path | None) -> str | None:
+    """--out must be a directory or a path that can become one (not a file, nor under one)."""
+    if out is None:
+        return None
+    p = out
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        where = "is a file" if p == out else f"is under {p}, which is a file"
+        return f"--out: expected a directory, {out} {where}"
+    return None
 
 
 COMMANDS = {None: cmd_default, "run": cmd_run, "sweep": cmd_sweep, "compare": cmd_compare,
@@ -394,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # exits 2 with a usage line on bad arguments
     if args.command is None and args.live_repeats < 0:
         parser.error("--live-repeats: expected an integer >= 0")
+    bad_out = _out_problem(getattr(args, "out", None))
+    if bad_out:  # before anything runs (it would fail every run's write, after the runs)
+        print(f"{parser.prog}: error: {bad_out}", file=sys.stderr)
+        return 2
     try:
         return cast(int, COMMANDS[args.command](args))
     except ScenarioError as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import platform
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,18 +89,45 @@ HEADLINE_COLUMNS = ("scenario", "clock", "strategy", "runs", "makespan s", "item
                     "ok/failed")
 
 
-def _row(groups: Sequence[Group], g: Group) -> list[str]:
-    clock = g.clock if g.clock == "virtual" else f"live x{g.time_scale:g}"
+Origins = Mapping[Path, str]  #: results file -> where it came from, for runs not run just now
+
+
+def origin_of(g: Group, origins: Origins | None) -> str:
+    """The label of a group's rows: '' for runs this command made, else e.g. ``(reference,
+    committed 2026-11-29 879f56a)``."""
+    labels = sorted({origins[r.path] for r in g.runs if r.path in origins}) if origins else []
+    return f" ({'; '.join(labels)})" if labels else ""
+
+
+def origin_note(groups: Sequence[Group], origins: Origins | None) -> str:
+    """One sentence under a table that has labelled rows; '' when none is."""
+    labels = {origin_of(g, origins) for g in groups} - {""}
+    if not labels:
+        return ""
+    kinds = []
+    if any("reference, committed" in lb for lb in labels):
+        kinds.append("*reference, committed* rows are read from results files committed in git "
+                     "(unchanged since that commit)")
+    if any("earlier run" in lb for lb in labels):
+        kinds.append("*earlier run* rows from results files already in the output directory")
+    return ("Rows marked in brackets were not run by this command: " + "; ".join(kinds)
+            + ".")
+
+
+def _row(groups: Sequence[Group], g: Group, origins: Origins | None = None) -> list[str]:
+    clock = (g.clock if g.clock == "virtual" else f"live x{g.time_scale:g}") \
+        + origin_of(g, origins)
     return [g.scenario, clock, g.strategy, str(len(g.runs)), _num(g, "makespan_s"),
             _num(g, "throughput_per_s", 2), _speedup(groups, g), _num(g, "first_visible_s"),
             _num(g, "visible_p50_s"), _num(g, "visible_p99_s"), _num(g, "efficiency", 3),
             f"{g.mean('ok'):.0f}/{g.mean('failed'):.0f}"]
 
 
-def headline_table(runs: Sequence[RunData]) -> str:
-    """A fixed-width table for the terminal: one row per (scenario, clock, strategy)."""
+def headline_table(runs: Sequence[RunData], origins: Origins | None = None) -> str:
+    """A fixed-width table for the terminal: one row per (scenario, clock, strategy); rows of
+    runs this command did not make are labelled with their ``origins``."""
     groups = group_runs(runs)
-    rows = [list(HEADLINE_COLUMNS)] + [_row(groups, g) for g in groups]
+    rows = [list(HEADLINE_COLUMNS)] + [_row(groups, g, origins) for g in groups]
     widths = [max(len(r[k]) for r in rows) for k in range(len(HEADLINE_COLUMNS))]
     lines = []
     for n, r in enumerate(rows):
@@ -109,6 +136,9 @@ def headline_table(runs: Sequence[RunData]) -> str:
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
+    note = origin_note(groups, origins)
+    if note:
+        lines += ["", note.replace("*", "")]
     return "\n".join(lines)
 
 
@@ -150,8 +180,10 @@ def _agreement(groups: Sequence[Group], scenario: str) -> list[str]:
 
 def write_report(runs: Sequence[RunData], root: Path, path: Path,
                  plots: dict[str, list[Path]] | None = None, *,
-                 wall_s: float | None = None, extra: Sequence[str] = ()) -> None:
-    """``report.md``: per scenario, per clock, one row per strategy, then live vs virtual."""
+                 wall_s: float | None = None, extra: Sequence[str] = (),
+                 origins: Origins | None = None) -> None:
+    """``report.md``: per scenario, per clock, one row per strategy, then live vs virtual; rows
+    of runs this command did not make are labelled with their ``origins``."""
     groups = group_runs(runs)
     plots = plots or {}
     first = runs[0].metadata if runs else {}
@@ -171,8 +203,11 @@ def write_report(runs: Sequence[RunData], root: Path, path: Path,
         "item, whichever is larger (no schedule can beat it). Repeats show mean ± sd.", "",
     ]
     bad = [r for r in runs if r.problems]
+    note = origin_note(groups, origins)
     lines += ["## Headline", "", *_md_table(HEADLINE_COLUMNS,
-                                            [_row(groups, g) for g in groups]), ""]
+                                            [_row(groups, g, origins) for g in groups]), ""]
+    if note:
+        lines += [note, ""]
     for scenario in sorted({g.scenario for g in groups}, key=scenario_key):
         lines += [f"## {scenario}", ""]
         desc = next((r.metadata.get("description") for r in runs
@@ -190,7 +225,8 @@ def write_report(runs: Sequence[RunData], root: Path, path: Path,
         for g in groups:
             if g.scenario != scenario:
                 continue
-            clock = g.clock if g.clock == "virtual" else f"live x {g.time_scale:g}"
+            clock = (g.clock if g.clock == "virtual" else f"live x {g.time_scale:g}") \
+                + origin_of(g, origins)
             rows.append([clock, g.strategy, g.params, str(len(g.runs)),
                          _num(g, "throughput_per_s", 2), _num(g, "makespan_s"),
                          _speedup(groups, g), _num(g, "first_visible_s"),

@@ -27,6 +27,8 @@ __all__ = [
     "RunData",
     "git_commit",
     "load_runs",
+    "mark_untracked",
+    "origins",
     "read_doc",
     "result_path",
     "run_data",
@@ -125,11 +127,39 @@ def run_data(doc: Mapping[str, Any], path: Path) -> RunData:
                    visible=visible_ok(items), gantt=tuple(gantt))
 
 
+#: first line of the ``.gitignore`` bench writes into an output directory it keeps out of git
+UNTRACKED_MARK = "# written by python -m bench: fresh output, not kept in git"
+
+
+def mark_untracked(out: Path) -> None:
+    """Make ``out`` a directory git ignores as a whole (its own ``.gitignore`` of ``*``, as
+    pytest and mypy do for their caches), so runs into it leave the checkout clean."""
+    out.mkdir(parents=True, exist_ok=True)
+    f = out / ".gitignore"
+    if not f.exists():
+        f.write_text(f"{UNTRACKED_MARK}\n*\n", encoding="utf-8")
+
+
+def _is_marked(d: Path) -> bool:
+    try:
+        with (d / ".gitignore").open(encoding="utf-8") as f:
+            return f.readline().rstrip("\n") == UNTRACKED_MARK
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def load_runs(root: Path, *, include_sweeps: bool = False) -> list[RunData]:
     """Every results document under ``root`` (other JSON files, e.g. pytest-benchmark's, are
-    skipped), sorted by scenario, clock, strategy and repeat."""
+    skipped), sorted by scenario, clock, strategy and repeat. A directory below ``root`` that
+    bench marked untracked (``results/latest`` under ``results``) is another output directory:
+    its files are not read."""
+    root = Path(root)
+    nested = {m.parent for m in root.rglob(".gitignore") if m.parent != root
+              and _is_marked(m.parent)}
     runs = []
-    for path in sorted(Path(root).rglob("*.json")):
+    for path in sorted(root.rglob("*.json")):
+        if nested and any(d in nested for d in path.parents):
+            continue
         try:
             doc = read_doc(path)
         except (OSError, ValueError):
@@ -181,3 +211,59 @@ def write_summary_csv(runs: Sequence[RunData], root: Path, path: Path) -> None:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         w.writerows(summary_rows(runs, root))
+
+
+def _git(top: Path, *args: str) -> str | None:
+    try:
+        res = subprocess.run(["git", "-C", str(top), *args], capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout if res.returncode == 0 else None
+
+
+def _committed(paths: Sequence[Path]) -> dict[Path, str]:
+    """Of ``paths``, those committed in git and unchanged since: ``date commit`` of each one's
+    last commit."""
+    out: dict[Path, str] = {}
+    by_top: dict[Path, list[Path]] = {}
+    for p in paths:
+        where = _git(p.parent, "rev-parse", "--show-toplevel") if p.parent.is_dir() else None
+        if where:
+            by_top.setdefault(Path(where.strip()), []).append(p.resolve())
+    for top, ps in by_top.items():
+        pairs = [(p, p.relative_to(top).as_posix()) for p in ps if p.is_relative_to(top)]
+        rel = [r for _, r in pairs]
+        if not rel:
+            continue
+        tracked = set((_git(top, "ls-files", "-z", "--", *rel) or "").split("\0")) - {""}
+        changed = {line[3:] for line in (_git(top, "status", "--porcelain", "--", *rel)
+                                         or "").splitlines()}
+        for p, r in pairs:
+            if r in tracked and r not in changed:
+                when = (_git(top, "log", "-1", "--format=%cs %h", "--", r) or "").strip()
+                out[p] = when or "in git"
+    return out
+
+
+def origins(runs: Sequence[RunData], fresh: Iterable[Path] | None) -> dict[Path, str]:
+    """Where the runs that this command did not run come from, as a label for their rows:
+    ``reference, committed 2026-11-29 879f56a`` (a results file committed in git and unchanged
+    since) or ``earlier run, 2026-11-29`` (a file already in the output directory). ``fresh``:
+    the files this command wrote; None (``plot``, which runs nothing) labels committed files
+    only."""
+    new = {Path(p).resolve() for p in fresh or ()}
+    old = [r.path for r in runs if r.path.resolve() not in new]
+    if not old:
+        return {}
+    committed = _committed(old)
+    labels = {}
+    for p in old:
+        c = committed.get(p.resolve())
+        if c is not None:
+            labels[p] = f"reference, committed {c}"
+        elif fresh is not None:
+            started = next((str(r.metadata.get("started_at") or "")[:10] for r in runs
+                            if r.path == p), "")
+            labels[p] = f"earlier run, {started}" if started else "earlier run"
+    return labels

@@ -115,3 +115,44 @@ def test_sweep_writes_csv_and_curves(tmp_path: Path) -> None:
     assert not (out / "points").exists()   # point files are removed unless --keep-runs
     (out / "sweep.png").unlink()
     assert bench("plot", str(out)).returncode == 0 and (out / "sweep.png").is_file()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", [[], ["run", "--scenario", "seed"], ["live-services"],
+                                     ["peers", "--scenario", "seed"],
+                                     ["sweep", "--scenario", "seed", "--param",
+                                      "stages.analyze.concurrency=10,20"]])
+def test_out_naming_a_file_is_a_usage_error(tmp_path: Path, command: list[str]) -> None:
+    f = tmp_path / "taken"
+    f.write_text("not a directory\n")
+    for out in (f, f / "below"):
+        res = bench(*command, "--out", str(out))
+        assert res.returncode == 2, (res.stdout, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "--out: expected a directory" in lines[0], lines
+        assert str(f) in lines[0] and "Traceback" not in res.stderr
+        assert res.stdout == ""   # nothing ran
+    assert f.read_text() == "not a directory\n"
+
+
+@pytest.mark.timeout(60)
+def test_a_scenario_too_large_for_memory_exits_2_before_running(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.toml"
+    huge.write_text(small_scenario(tmp_path).read_text().replace("items = 150",
+                                                                 "items = 10000000000"))
+    out = tmp_path / "out"
+    for args in (["run", "--scenario", str(huge), "--out", str(out)],
+                 ["sweep", "--scenario", str(huge), "--param", "stages.save.concurrency=1,2",
+                  "--out", str(out)]):
+        res = bench(*args)
+        assert res.returncode == 2, (res.stdout, res.stderr)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            f"python -m bench: error: {huge}: items: expected at most "), lines
+        assert "10,000,000,000 items need" in lines[0]
+        assert not out.exists()
+    # and a sweep that grows items past the machine names the field of its point
+    res = bench("sweep", "--scenario", str(small_scenario(tmp_path)), "--param",
+                "items=100,10000000000", "--out", str(out))
+    assert res.returncode == 2 and ": items: expected at most " in res.stderr, res.stderr
+    assert not out.exists()
