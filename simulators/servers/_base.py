@@ -30,6 +30,7 @@ from typing import Any, Self
 
 from .._distributions import Distribution, as_distribution
 from .._faults import TokenBucket
+from .._provider import RateLimits, _check_capacity, _check_per_minute
 from .._sampling import (
     BLOCK_SHIFT,
     BlockCache,
@@ -38,9 +39,30 @@ from .._sampling import (
     stable_hash,
 )
 
-__all__ = ["FakeServer", "Response", "ServerFaults"]
+__all__ = ["FakeServer", "Response", "ServerFaults", "go_duration"]
 
 LatencyArg = Distribution | Mapping[str, Any] | float | None
+
+
+def go_duration(seconds: float) -> str:
+    """A duration as OpenAI's ``x-ratelimit-reset-*`` headers write it (Go's format):
+    ``"6m0s"``, ``"1s"``, ``"1.5s"``, ``"12ms"``, ``"1h0m0s"``, ``"0s"``."""
+    if not seconds > 0:
+        return "0s"
+    if seconds < 1.0:
+        ms = round(seconds * 1000.0, 3)
+        if ms < 1.0:
+            return f"{max(1, round(seconds * 1e6))}us" if seconds >= 5e-7 else "0s"
+        return f"{ms:.3f}".rstrip("0").rstrip(".") + "ms"
+    total_ms = round(seconds * 1000.0)
+    h, rest = divmod(total_ms, 3_600_000)
+    m, rest = divmod(rest, 60_000)
+    sec = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    if h:
+        return f"{h}h{m}m{sec}"
+    if m:
+        return f"{m}m{sec}"
+    return sec
 
 
 def _rate(value: Any, name: str) -> float:
@@ -160,6 +182,17 @@ class FakeServer:
     Use as a context manager (``with MessagesServer() as srv: srv.url``) or call ``start()``
     and ``stop()``. ``rate_limit`` is requests per scenario second (the real rate is
     ``rate_limit / time_scale``); beyond it the answer is 429 with ``Retry-After``.
+
+    ``capacity`` and ``per_minute`` are a ``simulators.Provider``'s: up to ``capacity``
+    requests in flight at the sampled latency, slower beyond (latency * in_flight /
+    capacity); per-minute buckets ("requests": 1 per request, "tokens": ``tokens_of``) in
+    scenario minutes, a request that does not fit answered 429 at once, taking nothing. With
+    ``per_minute``, every answer to a served route (200s too) carries
+    ``x-ratelimit-limit-*``, ``x-ratelimit-remaining-*`` and ``x-ratelimit-reset-*`` (real
+    time, as ``"6m0s"``/``"12ms"``) per dimension.
+
+    ``requests_seen`` / ``requests_served`` count, per request identity (``identity()``:
+    e.g. the contact), the requests routed to ``answer`` and those admitted past the limits.
     """
 
     default_name = "fake"
@@ -177,6 +210,8 @@ class FakeServer:
         port: int = 0,
         name: str | None = None,
         burst: int | None = None,
+        capacity: int | None = None,
+        per_minute: Mapping[str, float] | None = None,
         verbose: bool = False,
     ) -> None:
         self.latency = as_distribution(latency)
@@ -209,6 +244,16 @@ class FakeServer:
             real_rate = rate_limit / self.time_scale if self.time_scale > 0 else math.inf
             self._bucket = TokenBucket(real_rate, burst)
         self.rate_limit = rate_limit
+        self.capacity = _check_capacity(capacity)
+        self.per_minute = _check_per_minute(per_minute)
+        if self.per_minute and self.time_scale == 0:
+            raise ValueError("time_scale: must be > 0 with per_minute limits (they need a clock)")
+        self._limits = RateLimits(self.per_minute) if self.per_minute else None
+        self._epoch: float | None = None
+        self._in_flight = 0
+        #: per request identity: requests routed to ``answer`` / admitted past the limits
+        self.requests_seen: dict[str, int] = {}
+        self.requests_served: dict[str, int] = {}
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
         self._draws: BlockCache[tuple[list[float], list[float]]] = BlockCache(self._make_block, 256)
@@ -277,8 +322,13 @@ class FakeServer:
         with self._lock:
             self._counts.clear()
             self.stats.clear()
+            self.requests_seen.clear()
+            self.requests_served.clear()
+            self._epoch = None
             if self._bucket is not None:
                 self._bucket.reset()
+            if self._limits is not None:
+                self._limits.reset_all()
 
     # ------------------------------------------------------------------ per-request draws
     def _make_block(self, attempt: int, block: int) -> tuple[list[float], list[float]]:
@@ -318,6 +368,73 @@ class FakeServer:
     def error_body(self, status: int, message: str, kind: str) -> Any:
         return {"error": {"message": message, "type": kind, "code": status}}
 
+    def identity(self, key: str, request: Any) -> str:
+        """Who a request is for (counted in ``requests_seen``/``requests_served``)."""
+        return key
+
+    def tokens_of(self, key: str, request: Any) -> float:
+        """What a request takes from the "tokens" bucket."""
+        return 0.0
+
+    def calls(self, identity: str) -> int:
+        """Requests admitted past the limits for ``identity`` (the calls that cost)."""
+        with self._lock:
+            return self.requests_served.get(identity, 0)
+
+    # ------------------------------------------------------------------ capacity and limits
+    def _admit(self, key: str, request: Any) -> tuple[Response | None, dict[str, str]]:
+        """Count the request and take it from the limits: (a 429 or None, limit headers)."""
+        who = self.identity(key, request)
+        with self._lock:
+            self.requests_seen[who] = self.requests_seen.get(who, 0) + 1
+            if self._bucket is not None:
+                wait = self._bucket.acquire(time.monotonic())
+                if wait > 0:
+                    return self._too_many(wait, "rate limit exceeded"), {}
+            limits = self._limits
+            if limits is None:
+                self.requests_served[who] = self.requests_served.get(who, 0) + 1
+                self._in_flight += 1
+                return None, {}
+            t = time.monotonic()
+            if self._epoch is None:
+                self._epoch = t
+            now = (t - self._epoch) / self.time_scale
+            tokens = self.tokens_of(key, request)
+            wait = limits.admit(now, {"requests": 1.0, "tokens": tokens})
+            headers = self._limit_headers(limits)
+            if wait > 0:
+                over = [d for d, cap in limits.capacity.items()
+                        if {"requests": 1.0, "tokens": tokens}.get(d, 0.0) > cap]
+                why = (f"Request too large: {tokens:g} tokens exceed the limit of "
+                       f"{limits.capacity['tokens']:g} per minute" if over
+                       else "Rate limit reached for requests or tokens per minute")
+                resp = self._too_many(wait * self.time_scale, why)
+                return resp, headers
+            self.requests_served[who] = self.requests_served.get(who, 0) + 1
+            self._in_flight += 1
+            return None, headers
+
+    def _limit_headers(self, limits: RateLimits) -> dict[str, str]:
+        remaining, reset = limits.remaining(), limits.reset_in()
+        out: dict[str, str] = {}
+        for d, cap in limits.capacity.items():
+            out[f"x-ratelimit-limit-{d}"] = f"{cap:g}"
+            out[f"x-ratelimit-remaining-{d}"] = str(int(remaining[d]))
+            out[f"x-ratelimit-reset-{d}"] = go_duration(reset[d] * self.time_scale)
+        return out
+
+    def _slowdown(self) -> float:
+        """The latency factor of a request just admitted (``_in_flight`` includes it)."""
+        cap = self.capacity
+        with self._lock:
+            n = self._in_flight
+        return n / cap if cap is not None and n > cap else 1.0
+
+    def _release(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
     # ------------------------------------------------------------------ request handling
     def _handle(self, h: _Handler, method: str) -> None:
         try:
@@ -338,17 +455,23 @@ class FakeServer:
             self._send(h, routed)
             return
         key, request = routed
-        if self._bucket is not None:
-            with self._lock:
-                wait = self._bucket.acquire(time.monotonic())
-            if wait > 0:
-                self._count("rate_limited")
-                self._send(h, self._too_many(wait, "rate limit exceeded"))
-                return
-        latency, u = self.draw(key)
-        if self._sleep(latency * self.time_scale):
-            h.close_connection = True
+        refused, headers = self._admit(key, request)
+        if refused is not None:
+            self._count("rate_limited")
+            self._send(h, _with(refused, headers))
             return
+        try:
+            factor = self._slowdown()
+            latency, u = self.draw(key)
+            if self._sleep(latency * factor * self.time_scale):
+                h.close_connection = True
+                return
+        finally:
+            self._release()
+        self._serve(h, key, request, u, headers)
+
+    def _serve(self, h: _Handler, key: str, request: Any, u: float,
+               headers: dict[str, str]) -> None:
         f = self.faults
         edge = f.error_rate
         if u < edge:
@@ -356,25 +479,28 @@ class FakeServer:
             self._count("5xx")
             self._send(
                 h,
-                Response(status, self.error_body(status, "simulated server error", "server_error")),
+                _with(Response(status, self.error_body(status, "simulated server error",
+                                                       "server_error")), headers),
             )
             return
         edge += f.throttle_rate
         if u < edge:
             self._count("429")
-            self._send(h, self._too_many(f.retry_after * self.time_scale, "simulated throttling"))
+            self._send(h, _with(self._too_many(f.retry_after * self.time_scale,
+                                               "simulated throttling"), headers))
             return
         edge += f.malformed_rate
         if u < edge:
             self._count("malformed")
             good = json.dumps(self.answer(key, request).body).encode()
             # a body cut in half, as from a proxy that dropped the upstream mid-answer
-            self._send(h, Response(200, good[: max(1, len(good) // 2)]))
+            self._send(h, _with(Response(200, good[: max(1, len(good) // 2)]), headers))
             return
         edge += f.slow_drip_rate
         if u < edge:
             self._count("drip")
-            self._drip(h, self.answer(key, request), f.drip_seconds * self.time_scale)
+            self._drip(h, _with(self.answer(key, request), headers),
+                       f.drip_seconds * self.time_scale)
             return
         edge += f.drop_rate
         if u < edge:
@@ -384,7 +510,7 @@ class FakeServer:
                 h.connection.shutdown(socket.SHUT_RDWR)
             return
         self._count("ok")
-        self._send(h, self.answer(key, request))
+        self._send(h, _with(self.answer(key, request), headers))
 
     def _too_many(self, wait: float, message: str) -> Response:
         body = self.error_body(429, message, "rate_limit_exceeded")
@@ -441,3 +567,10 @@ class FakeServer:
                 h.wfile.flush()
         except OSError:
             h.close_connection = True
+
+
+def _with(resp: Response, headers: Mapping[str, str]) -> Response:
+    """``resp`` with ``headers`` added (its own win)."""
+    if not headers:
+        return resp
+    return replace(resp, headers={**headers, **(resp.headers or {})})

@@ -10,6 +10,19 @@ stage, a hash of the prompt the score's jitter. ``response_format`` is honoured:
 (the messages must mention JSON, as the real API demands) and ``json_schema`` (the content is
 an instance of the given schema: properties named like stage/score/summary get the
 classification, the others a value of their type).
+
+Limits (``capacity``, ``per_minute``: see ``FakeServer``) as a ``simulators.Provider``'s. A
+request's tokens (what it takes from the "tokens" bucket) are the ``usage.total_tokens`` its
+answer reports: the prompt's size (characters / 4) plus the answer's, both known before the
+answer is sent (the answer is deterministic), so a client that settles its budget with the
+reported usage charges exactly what the server counted. Every answer of the chat route carries
+the ``x-ratelimit-*`` headers; a request beyond a limit is a 429 with ``Retry-After``
+(``retry-after-ms`` too) and takes nothing.
+
+``requests_seen`` / ``requests_served`` / ``calls(identity)`` count requests per identity: the
+request's ``user`` field if it has one, else the ``"contact_id"`` the prompt names (as the
+``LLMAnalyze`` adapter's prompt does), else the prompt's hash (the request key). ``GET
+/_conveyor/calls`` answers ``{"seen": {...}, "served": {...}}``.
 """
 
 from __future__ import annotations
@@ -51,6 +64,7 @@ _SUMMARY = {
     "lost": "Chose another vendor or opted out; close the deal as lost.",
 }
 _SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_CONTACT_ID = re.compile(r'"contact_id"\s*:\s*(?:"((?:[^"\\]|\\.)*)"|(-?\d+))')
 
 
 def _text(content: Any) -> str:
@@ -93,7 +107,7 @@ def _bad(message: str, param: str | None, code: str | None = None) -> Response:
 
 
 class _Request:
-    __slots__ = ("fmt", "messages", "model", "n", "schema", "schema_name")
+    __slots__ = ("fmt", "messages", "model", "n", "schema", "schema_name", "user")
 
     def __init__(
         self,
@@ -110,6 +124,7 @@ class _Request:
         self.fmt = fmt
         self.schema = schema
         self.schema_name = schema_name
+        self.user: str | None = None
 
 
 class OpenAIServer(FakeServer):
@@ -126,6 +141,10 @@ class OpenAIServer(FakeServer):
         path = path.split("?", 1)[0].rstrip("/")
         if path == "/health":
             return Response(200, {"ok": True})
+        if path == "/_conveyor/calls" and method == "GET":
+            with self._lock:
+                return Response(200, {"seen": dict(self.requests_seen),
+                                      "served": dict(self.requests_served)})
         if path == "/v1/models" and method == "GET":
             return Response(
                 200,
@@ -256,18 +275,47 @@ class OpenAIServer(FakeServer):
                         "Invalid 'response_format.json_schema.schema': expected an object",
                         "response_format.json_schema.schema",
                     )
-        return _Request(model, messages, n, fmt, schema, schema_name)
+        req = _Request(model, messages, n, fmt, schema, schema_name)
+        user = data.get("user")
+        if isinstance(user, str) and user:
+            req.user = user
+        return req
+
+    def identity(self, key: str, request: Any) -> str:
+        req: _Request = request
+        if req.user is not None:
+            return req.user
+        for m in req.messages:
+            if m.get("role") in ("system", "developer"):
+                continue
+            found = _CONTACT_ID.search(_text(m.get("content")))
+            if found:
+                return found.group(1) if found.group(1) is not None else found.group(2)
+        return key
+
+    def tokens_of(self, key: str, request: Any) -> float:
+        return float(self._usage(request, self._content(request))["total_tokens"])
+
+    @staticmethod
+    def _content(req: _Request) -> str:
+        verdict = classify(req.messages)
+        if req.schema is not None:
+            return json.dumps(_instance(req.schema, req.schema, verdict, ""))
+        return json.dumps(verdict)
+
+    @staticmethod
+    def _usage(req: _Request, content: str) -> dict[str, int]:
+        prompt_tokens = sum(len(_text(m.get("content"))) for m in req.messages) // 4 + 1
+        completion_tokens = len(content) // 4 + 1
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
     def answer(self, key: str, request: Any) -> Response:
         req: _Request = request
-        verdict = classify(req.messages)
-        if req.schema is not None:
-            content_obj = _instance(req.schema, req.schema, verdict, "")
-        else:
-            content_obj = verdict
-        content = json.dumps(content_obj)
-        prompt_tokens = sum(len(_text(m.get("content"))) for m in req.messages) // 4 + 1
-        completion_tokens = len(content) // 4 + 1
+        content = self._content(req)
         return Response(
             200,
             {
@@ -285,11 +333,7 @@ class OpenAIServer(FakeServer):
                     }
                     for i in range(req.n)
                 ],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
+                "usage": self._usage(req, content),
             },
         )
 
