@@ -235,7 +235,8 @@ def test_capacity_slowdown_live_and_virtual() -> None:
 @pytest.mark.timeout(60)
 def test_a_virtual_burst_is_refused_and_retried_after() -> None:
     provider = Provider("analyze", 0.5, per_minute={"requests": 30}, tokens=100, seed=1)
-    retry = RetryPolicy(attempts=20, backoff=0.01, max_backoff=0.01, jitter=False)
+    # retry_after (at most 2 s here) is honoured up to max_backoff
+    retry = RetryPolicy(attempts=20, backoff=0.01, max_backoff=5.0, jitter=False)
     report = Pipeline([Stage("analyze", provider, 10, retry=retry)]).run(
         range(40), clock="virtual")
     assert all(r.status == "ok" for r in report.items)
