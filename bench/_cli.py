@@ -195,8 +195,9 @@ def _finish(out: Path, *, plots: bool = True, wall_s: float | None = None,
     labels = origins(runs, fresh)
     drawn = plot_dir(runs, out) if plots else {}
     write_summary_csv(runs, out, out / "summary.csv")
+    default = out.resolve() == DEFAULT_OUT.resolve()
     write_report(runs, out, out / "report.md", drawn, wall_s=wall_s, extra=extra,
-                 origins=labels)
+                 origins=labels, reference=REFERENCE_OUT if default else None)
     print()
     print(headline_table(runs, labels))
     print(f"\nwrote {out / 'report.md'}, {out / 'summary.csv'}"

@@ -5,6 +5,7 @@ Both are built from :class:`bench._results.RunData` (saved files only). Runs are
 """
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 from collections import defaultdict
@@ -181,9 +182,10 @@ def _agreement(groups: Sequence[Group], scenario: str) -> list[str]:
 def write_report(runs: Sequence[RunData], root: Path, path: Path,
                  plots: dict[str, list[Path]] | None = None, *,
                  wall_s: float | None = None, extra: Sequence[str] = (),
-                 origins: Origins | None = None) -> None:
+                 origins: Origins | None = None, reference: Path | None = None) -> None:
     """``report.md``: per scenario, per clock, one row per strategy, then live vs virtual; rows
-    of runs this command did not make are labelled with their ``origins``."""
+    of runs this command did not make are labelled with their ``origins``. Sweeps, peers and
+    live services not under ``root`` are linked from ``reference`` when it has them."""
     groups = group_runs(runs)
     plots = plots or {}
     first = runs[0].metadata if runs else {}
@@ -242,28 +244,38 @@ def write_report(runs: Sequence[RunData], root: Path, path: Path,
     for p in plots.get("", []):
         rel = p.relative_to(path.parent) if p.is_relative_to(path.parent) else p
         lines += [f"![{p.stem}]({rel.as_posix()})", ""]
-    sweeps = sorted((root / "sweeps").glob("*/sweep.png"))
+    def found(rel: str) -> tuple[Path | None, str]:
+        """``root/rel``, else the reference's (with a note saying so)."""
+        for base, note in ((root, ""), (reference, " (the committed reference results, not "
+                                                    "run by this command)")):
+            if base is not None and (base / rel).exists():
+                return base / rel, note
+        return None, ""
+
+    def link(p: Path) -> str:
+        return Path(os.path.relpath(p, path.parent)).as_posix()
+
+    sweep_dir, sweep_note = found("sweeps")
+    sweeps = sorted(sweep_dir.glob("*/sweep.png")) if sweep_dir else []
     if sweeps:
         lines += ["## Sweeps", "", "One parameter at a time on the virtual clock, every strategy "
                   "at every point (`python -m bench sweep --scenario seed --param PATH=A:B:STEP`;"
-                  " the numbers are in each folder's `sweep.csv`).", ""]
+                  f" the numbers are in each folder's `sweep.csv`){sweep_note}.", ""]
         for png in sweeps:
-            rel = png.relative_to(path.parent) if png.is_relative_to(path.parent) else png
             lines += [f"### {png.parent.name.replace('--', ': ')}", "",
-                      f"![{png.parent.name}]({rel.as_posix()})", ""]
-    peers = root / "peers" / "peers.md"
-    if peers.exists():
-        rel = peers.relative_to(path.parent) if peers.is_relative_to(path.parent) else peers
+                      f"![{png.parent.name}]({link(png)})", ""]
+    peers, peers_note = found("peers/peers.md")
+    if peers is not None:
         lines += ["## Peers", "", f"The seed workload through stagepipe, pypeln, asyncio and a "
-                  f"ThreadPoolExecutor batch loop beside the engine: [{rel.as_posix()}]"
-                  f"({rel.as_posix()}) (`python -m bench peers --scenario seed`).", ""]
-    live = root / "live-services" / "report.md"
-    if live.exists() and live.resolve() != path.resolve():
-        rel = live.relative_to(path.parent) if live.is_relative_to(path.parent) else live
+                  f"ThreadPoolExecutor batch loop beside the engine: [{link(peers)}]"
+                  f"({link(peers)}) (`python -m bench peers --scenario seed`){peers_note}.", ""]
+    live, live_note = found("live-services/report.md")
+    if live is not None and live.resolve() != path.resolve():
         lines += ["## Live services", "", "The sync job itself (requests, openai and psycopg2 "
                   "against the fake servers and a throwaway PostgreSQL 15), per strategy with "
-                  f"the CPU it used: [{rel.as_posix()}]({rel.as_posix()}) (`python -m bench "
-                  "live-services`; not part of the default suite, it needs PostgreSQL).", ""]
+                  f"the CPU it used: [{link(live)}]({link(live)}) (`python -m bench "
+                  "live-services`; not part of the default suite, it needs PostgreSQL)"
+                  f"{live_note}.", ""]
     lines += list(extra)
     lines += ["## Validation", ""]
     if bad:

@@ -41,6 +41,8 @@ def checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                             time_scale=0.4), result_path(repo / "results", "live-services",
                                                          "continuous"))
     (repo / "results" / "report.md").write_text("# the committed reference report\n")
+    (repo / "results" / "peers").mkdir()
+    (repo / "results" / "peers" / "peers.md").write_text("# peers\n")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "reference results")
     scenarios = tmp_path / "scenarios"
@@ -66,7 +68,11 @@ def test_default_suite_leaves_the_checkout_clean(checkout: Path,
     assert (checkout / "results" / "report.md").read_text() == before
     # the table is this run's: no committed rows mixed in, nothing labelled
     assert "small" in out and "live-services" not in out and "(reference" not in out
-    assert "live-services" not in (latest / "report.md").read_text()
+    report = (latest / "report.md").read_text()
+    assert "live-services" not in report
+    # what it did not run, it links from the reference, saying so
+    assert "[../peers/peers.md](../peers/peers.md)" in report
+    assert "(the committed reference results, not run by this command)" in report
     assert f"wrote {Path('results/latest/report.md')}" in out
 
     # a second command into the same directory labels the rows it did not run
