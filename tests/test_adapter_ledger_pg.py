@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+from test_engine_ledger_store import hold_writer
 
 from engine._ledger import Done, Entry, Failed, LedgerBusy, LedgerError, Output
 from engine.adapters._ledger_pg import PostgresLedger
@@ -30,9 +31,7 @@ def ledger(pg_dsn: str) -> Iterator[PostgresLedger]:
 
 
 def test_round_trip_grouping_and_reopen(pg_dsn: str, ledger: PostgresLedger) -> None:
-    gate, entered = threading.Event(), threading.Event()
-    ledger.put(Done("p", "first"), lambda e: (entered.set(), gate.wait(10)))
-    assert entered.wait(10)
+    gate = hold_writer(ledger, "first")
     durable: list[LedgerError | None] = []
     for i in range(500):  # queued while the writer is held: one transaction
         ledger.put(Output("p", str(i), "fetch", f'{{"i": {i}}}'), durable.append)

@@ -21,6 +21,7 @@ from engine._ledger import (
     Entry,
     Failed,
     JsonCodec,
+    Ledger,
     LedgerBusy,
     LedgerError,
     Output,
@@ -45,6 +46,20 @@ def ledger(db: Path) -> Iterator[SqliteLedger]:
         yield led
     finally:
         led.close()
+
+
+def hold_writer(ledger: Ledger, key: str = "held") -> threading.Event:
+    """Park the writer thread in an on_durable callback (after committing ``Done(p, key)``)
+    until the returned event is set: everything put meanwhile is one batch."""
+    gate, entered = threading.Event(), threading.Event()
+
+    def hold(error: LedgerError | None) -> None:
+        entered.set()
+        gate.wait(10)
+
+    ledger.put(Done("p", key), hold)
+    assert entered.wait(10)
+    return gate
 
 
 def writer_threads() -> list[threading.Thread]:
@@ -177,14 +192,7 @@ def test_lookup_in_chunks(ledger: SqliteLedger) -> None:
 
 # -- group commit and on_durable -------------------------------------------------------------------
 def test_many_ops_per_transaction(ledger: SqliteLedger) -> None:
-    gate, entered = threading.Event(), threading.Event()
-
-    def hold(error: LedgerError | None) -> None:  # runs on the writer thread, after commit 1
-        entered.set()
-        gate.wait(10)
-
-    ledger.put(Output("p", "first", "s", "0"), hold)
-    assert entered.wait(10)
+    gate = hold_writer(ledger)  # commit 1
     durable: list[LedgerError | None] = []
     for i in range(1000):  # queued while the writer is held: one batch
         ledger.put(Output("p", str(i), "s", "x"), durable.append)
@@ -201,8 +209,7 @@ def test_many_ops_per_transaction(ledger: SqliteLedger) -> None:
 def test_max_batch_bounds_a_transaction(db: Path) -> None:
     led = SqliteLedger(db, max_batch=100)
     led.open("p")
-    gate = threading.Event()
-    led.put(Done("p", "x"), lambda e: gate.wait(10))
+    gate = hold_writer(led, "x")
     for i in range(1000):
         led.put(Done("p", str(i)))
     gate.set()
@@ -266,9 +273,7 @@ def test_a_failed_write_is_surfaced_not_lost(ledger: SqliteLedger, db: Path) -> 
                  "WHEN NEW.item_key = 'poison' BEGIN SELECT RAISE(ABORT, 'poisoned'); END")
     conn.commit()
     conn.close()
-    gate, entered = threading.Event(), threading.Event()
-    ledger.put(Done("p", "ok"), lambda e: (entered.set(), gate.wait(10)))
-    assert entered.wait(10)
+    gate = hold_writer(ledger, "ok")
     got: list[LedgerError | None] = []
     ledger.put(Done("p", "fine"), got.append)  # same batch as the poison: rolled back
     ledger.put(Done("p", "poison"), got.append)
@@ -353,9 +358,7 @@ def test_failures_are_listed_and_cleared_by_a_later_success(ledger: SqliteLedger
 
 
 def test_a_failure_after_an_output_in_one_batch_is_kept(ledger: SqliteLedger) -> None:
-    gate, entered = threading.Event(), threading.Event()
-    ledger.put(Done("p", "x"), lambda e: (entered.set(), gate.wait(10)))
-    assert entered.wait(10)
+    gate = hold_writer(ledger, "x")
     ledger.put(Output("p", "k", "fetch", "1"))
     ledger.put(Failed("p", "k", "analyze", "E", "m"))
     gate.set()
