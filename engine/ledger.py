@@ -12,6 +12,7 @@ Exit status: 0, or 2 for a usage error or a ledger that cannot be read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Sequence
@@ -94,10 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LedgerError as exc:
         return _error(str(exc))
     finally:
-        try:
+        with contextlib.suppress(LedgerError):  # a read-only ledger has nothing to flush
             ledger.close()
-        except LedgerError:
-            pass
     print(format_report(where, args.name, counts, failures, tracebacks=args.traceback))
     return 0
 
