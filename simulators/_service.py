@@ -70,9 +70,9 @@ _MASK: Final = BLOCK_MASK
 OK, ERROR, TIMEOUT = 0, 1, 2
 _KINDS = ("ok", "error", "timeout")
 _new: Final = tuple.__new__  # skips the NamedTuple's Python-level __new__ on the hot path
-#: the ``Simulated`` fields after ``error`` (``cost``, ...), all None for a service's call; a
-#: tuple built with ``_new`` must have every field for attribute reads to work
-_TAIL: Final = (None,) * (len(Simulated._fields) - 3)
+#: a tuple built with ``_new`` must have every field of ``Simulated`` for attribute reads to
+#: work: (duration, value, error, cost) today; any other shape goes through the constructor
+_FOUR_FIELDS: Final = len(Simulated._fields) == 4
 
 # (durations, outcome codes, raw latencies) for one block of item indices
 _Block = tuple[list[float], list[int], list[float]]
@@ -275,8 +275,10 @@ class SimulatedService:
         code = blk[1][off]
         if code:
             return Simulated(blk[0][off], None, self._error(code, index, key))
-        result: Simulated = _new(Simulated, (blk[0][off], value, None, *_TAIL))
-        return result
+        if _FOUR_FIELDS:
+            result: Simulated = _new(Simulated, (blk[0][off], value, None, None))
+            return result
+        return Simulated(blk[0][off], value)
 
     def _refused(self, now: float) -> BaseException | None:
         """The refusal of a call starting at virtual time ``now`` (outage, rate limit)."""
