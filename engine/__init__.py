@@ -9,7 +9,9 @@
 """
 from ._accel import COMPILED  # first (keep it so): picks the compiled hot path or the sources
 from ._cancel import CancelToken
-from ._context import CallInfo, Simulated, SupportsSimulate, current_call
+from ._context import CallInfo, CurrentCall, Simulated, SupportsSimulate, current_call
+from ._core import Admission, Policy
+from ._errors import StageInitError, WorkerLost
 from ._pipeline import Pipeline
 from ._ratelimit import RateLimit
 from ._records import (
@@ -24,29 +26,38 @@ from ._records import (
 )
 from ._retry import RetryPolicy
 from ._stage import Stage
-from ._strategies import AUTO, Batched, Continuous, ParallelBatches
+from ._strategies import AUTO, Batched, Continuous, ParallelBatches, Strategy, strategy_from_name
+from ._virtual import SimulationError
 
 __all__ = [
     "AUTO",
     "COMPILED",
+    "Admission",
     "Attempt",
     "Batched",
     "CallInfo",
     "CancelToken",
     "Continuous",
+    "CurrentCall",
     "ErrorInfo",
     "ItemResult",
     "ParallelBatches",
     "Pipeline",
+    "Policy",
     "RateLimit",
     "RetryPolicy",
     "RunReport",
     "Simulated",
+    "SimulationError",
     "Stage",
+    "StageInitError",
     "StageSpan",
     "StageStats",
+    "Strategy",
     "SupportsSimulate",
+    "WorkerLost",
     "current_call",
     "percentile",
+    "strategy_from_name",
     "summarize",
 ]

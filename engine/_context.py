@@ -3,65 +3,101 @@
 Stage functions are plain ``fn(value) -> value``. Two small hooks let simulators (and any user
 code that wants them) see more without changing that signature:
 
-* ``current_call()`` -- inside a stage call run by the engine on a thread, the item's index and
-  key, the stage and the attempt number (1-based). It is a thread-local read: no locks, no I/O.
+* ``current_call()`` -- inside a stage call run by the engine (on a worker thread, or in a
+  coroutine of an async stage), the item's index and key, the stage, the attempt number
+  (1-based), whether it is a hedge, ``charge(**units)`` to report what the call actually cost
+  its stage's budget, and ``cancelled`` (True once its result will be discarded: a hedged twin
+  won, so it may stop early).
 * ``Simulated`` / ``SupportsSimulate`` -- on the virtual clock (``clock="virtual"``) the engine
-  never calls the stage; it calls ``stage_fn.simulate(call, value)`` and gets back how long the
-  call takes (in virtual seconds) and what it returns or raises at its end.
+  never calls the stage; it calls ``stage_fn.simulate(call, value, now=t)`` and gets back how
+  long the call takes (in virtual seconds) and what it returns or raises at its end.
 """
 from __future__ import annotations
 
+import contextvars
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-__all__ = ["CallInfo", "Simulated", "SupportsSimulate", "current_call"]
+__all__ = ["CallInfo", "CurrentCall", "Simulated", "SupportsSimulate", "current_call"]
 
 
 class CallInfo(NamedTuple):
-    """One call of one stage for one item (a named tuple: one is built per simulated call)."""
+    """One call of one stage for one item."""
 
     index: int  # type: ignore[assignment]  # the item's position in the input (0-based)
     key: Hashable  #: the item's key (``key(item)``, default: its position)
     stage: str  #: the stage's name
     stage_index: int  #: the stage's position in the pipeline (0-based)
     attempt: int  #: 1 for the first call, 2 for the first retry, ...
+    hedge: bool = False  #: a hedged duplicate of attempt ``attempt`` (DESIGN §10)
+
+
+class CurrentCall(CallInfo):
+    """``current_call()``'s answer: the :class:`CallInfo` of the running call, plus what the
+    call may tell the engine."""
+
+    def charge(self, **units: float) -> None:
+        """Report the call's actual cost (e.g. ``charge(tokens=812)``), which replaces the
+        estimate its stage's budget reserved. Later charges of a call add up."""
+        for unit, amount in units.items():
+            if isinstance(amount, bool) or not isinstance(amount, int | float) or amount < 0:
+                raise ValueError(f"charge({unit}=...): expected a number >= 0, got {amount!r}")
+        call = self.__dict__["_call"]
+        charged = call.charged
+        if charged is None:
+            charged = call.charged = {}
+        for unit, amount in units.items():
+            charged[unit] = charged.get(unit, 0.0) + float(amount)
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the engine will discard this call's result (its hedged twin won): the
+        call may stop early; its return value or error is ignored."""
+        return bool(self.__dict__["_call"].lost)
 
 
 class Simulated(NamedTuple):
     """A simulated call's outcome: it takes ``duration`` seconds, then returns ``value``
-    or, when ``error`` is not None, raises ``error``."""
+    or, when ``error`` is not None, raises ``error``; ``cost`` is what it actually charged its
+    stage's budget (e.g. ``{"tokens": 812}``), when known."""
 
     duration: float
     value: Any = None
     error: BaseException | None = None
+    cost: Mapping[str, float] | None = None
 
 
 @runtime_checkable
 class SupportsSimulate(Protocol):
-    """A stage callable that can also run on the virtual clock."""
+    """A stage callable that can also run on the virtual clock: ``now`` is the virtual time at
+    which the call starts (calls are simulated in nondecreasing ``now`` order)."""
 
-    def simulate(self, call: CallInfo, value: Any) -> Simulated: ...
+    def simulate(self, call: CallInfo, value: Any, *, now: float) -> Simulated: ...
 
 
 _local = threading.local()
+_async_call: contextvars.ContextVar[Any] = contextvars.ContextVar("conveyor_call", default=None)
 
 
-def current_call() -> CallInfo:
-    """The call the current thread is running for the engine.
+def current_call() -> CurrentCall:
+    """The call the current thread (or coroutine) is running for the engine.
 
     Raises ``RuntimeError`` outside a stage call (or in a stage running on a process pool or
     another executor, where the call runs elsewhere).
     """
-    info = getattr(_local, "call", None)
-    if info is None:
-        raise RuntimeError("current_call() is only available inside a stage call on a thread")
-    if not isinstance(info, CallInfo):  # the worker stores a cheap tuple; build the record lazily
-        info = CallInfo._make(info)
+    call = _async_call.get()
+    if call is None:
+        call = getattr(_local, "call", None)
+    if call is None:
+        raise RuntimeError("current_call() is only available inside a stage call run by the "
+                           "engine (threads or async stages)")
+    item = call.item
+    info = CurrentCall(item.index, item.key, call.name, call.stage, call.attempt, call.hedge)
+    info.__dict__["_call"] = call
     return info
 
 
 def checkpoint() -> None:
-    """A Python-level no-op. Compiled loops that may run long without calling any Python code
-    (the virtual clock) call it now and then: entering it lets the interpreter run pending
-    signal handlers, so Ctrl-C interrupts them."""
+    """A Python-level no-op. Loops that may run long without calling any Python code (the
+    virtual clock, if compiled) call it now and then so that Ctrl-C interrupts them."""

@@ -2,44 +2,32 @@
 
 A strategy (``engine._strategies``) is the frozen, validated description a user writes; its
 ``policy(sched)`` builds one of these for each run. The scheduler calls ``fill``,
-``stage_done`` and ``item_done`` and nothing else; a policy's only effects are the scheduler's
-``admit_one`` / ``advance`` / ``emit`` / ``drop``. This module is compiled by mypyc when the
-package is built with a C compiler (see setup.py); the strategies stay plain Python so that
-their validation messages name the field.
+``stage_done`` and ``item_done`` and nothing else; a policy's only effects are the
+:class:`~engine._core.Admission` methods ``admit_one`` / ``advance`` / ``emit`` / ``drop``.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from ._scheduler import Scheduler, _Item
+from ._core import Admission, Policy, _Item
 
-__all__ = ["Policy"]
-
-
-class Policy:
-    """What a strategy decides during a run (a base class, so compiled calls are direct)."""
-
-    def fill(self) -> None:
-        """Admit what the rule allows now (pull items lazily with ``sched.admit_one``)."""
-        raise NotImplementedError
-
-    def stage_done(self, item: _Item) -> None:
-        """``item`` finished a stage that is not its last: where does it go?"""
-        raise NotImplementedError
-
-    def item_done(self, item: _Item) -> None:
-        """``item`` ended (ok, failed or cancelled): may it become visible?"""
-        raise NotImplementedError
+__all__ = ["BatchPolicy", "ContinuousPolicy"]
 
 
-class _ContinuousPolicy(Policy):
-    __slots__ = ("in_flight", "sched", "window")
+class ContinuousPolicy(Policy):
+    """Admit while fewer than ``window`` admitted items are unfinished; an item moves on the
+    moment it leaves a stage; visible the moment it ends."""
 
-    def __init__(self, sched: Scheduler, window: int | None) -> None:
+    __slots__ = ("in_flight", "lookahead", "sched", "window")
+
+    def __init__(self, sched: Admission, window: int | None) -> None:
         self.sched = sched
         self.window = window
         self.in_flight = 0
+        self.lookahead = window if window is not None else 1 << 30  # read ahead one window
+
+    def params(self) -> dict[str, Any]:
+        return {"max_in_flight": self.window}
 
     def fill(self) -> None:
         sched = self.sched
@@ -70,12 +58,15 @@ class _Batch:
         self.arrived: list[_Item] = []  # members waiting at the current barrier
 
 
-class _BatchPolicy(Policy):
-    __slots__ = ("lanes", "lockstep", "running", "sched", "size")
+class BatchPolicy(Policy):
+    """``lanes`` batches at a time (1: Batched), a barrier after every stage of a batch."""
 
-    def __init__(self, sched: Scheduler, size: int, *, lanes: int, lockstep: bool) -> None:
+    __slots__ = ("lanes", "lockstep", "lookahead", "running", "sched", "size")
+
+    def __init__(self, sched: Admission, size: int, *, lanes: int, lockstep: bool) -> None:
         self.sched = sched
         self.size = size
+        self.lookahead = size * lanes  # read ahead one batch per lane
         self.lanes = lanes
         self.lockstep = lockstep
         self.running = 0  # batches started and not complete
@@ -88,6 +79,8 @@ class _BatchPolicy(Policy):
 
     def _start_batch(self) -> bool:
         sched = self.sched
+        if not sched.ready(self.size):  # a slow input: wait for a whole batch (or the end)
+            return False
         members: list[_Item] = []
         while len(members) < self.size:
             item = sched.admit_one()

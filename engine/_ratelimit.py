@@ -1,34 +1,34 @@
-"""Per-stage rate limit: a token bucket the stage's slots consult before each call."""
+"""Per-stage rate limit: a token bucket the scheduler consults before it starts a call."""
 from __future__ import annotations
 
-import math
-import threading
 from dataclasses import dataclass
+
+from ._validate import check_int, check_number
 
 __all__ = ["RateLimit"]
 
 
 @dataclass(frozen=True, slots=True)
 class RateLimit:
-    """At most ``rate`` calls per second on average, bursts of up to ``burst`` calls.
+    """At most ``rate`` calls per second on average, bursts of up to ``burst`` calls
+    (default 1: calls evenly spaced, none back to back).
 
     ``RateLimit.per_minute(500)`` reads like an API's documentation. The limit is enforced where
-    a call starts: a call that would exceed it waits, holding its concurrency slot, until a
-    token is due; calls keep their queue order.
+    a call starts: the scheduler starts a call only when a token is there, and otherwise wakes
+    when one is due (the call keeps its place in the stage's queue; no thread sleeps, and a
+    cancel drops the waiting calls at once).
     """
 
     rate: float
     burst: int = 1
 
     def __post_init__(self) -> None:
-        r = self.rate
-        if isinstance(r, bool) or not isinstance(r, int | float) or math.isnan(r) or r <= 0:
-            raise ValueError(f"RateLimit.rate: expected calls per second > 0, got {r!r}")
-        if isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst < 1:
-            raise ValueError(f"RateLimit.burst: expected an int >= 1, got {self.burst!r}")
+        check_number("RateLimit.rate", self.rate, strict=True)
+        check_int("RateLimit.burst", self.burst)
 
     @classmethod
     def per_minute(cls, calls: float, burst: int = 1) -> RateLimit:
+        check_number("RateLimit.per_minute(calls)", calls, strict=True)
         return cls(calls / 60.0, burst)
 
     def bucket(self, now: float) -> TokenBucket:
@@ -37,27 +37,23 @@ class RateLimit:
 
 
 class TokenBucket:
-    """The run-time state of a :class:`RateLimit`. Thread-safe."""
+    """The run-time state of a :class:`RateLimit` (used by the dispatcher thread only)."""
 
-    __slots__ = ("_burst", "_last", "_lock", "_rate", "_tokens")
+    __slots__ = ("_burst", "_last", "_rate", "_tokens")
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         self._rate = rate
         self._burst = float(burst)
         self._tokens = float(burst)
         self._last = now
-        self._lock = threading.Lock()
 
-    def reserve(self, now: float) -> float:
-        """Take a token; return the time at which the call may start (``>= now``).
-
-        Tokens may go negative: each reservation queues behind the previous ones.
-        """
-        with self._lock:
-            if now > self._last:
-                self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-                self._last = now
+    def take(self, now: float) -> float:
+        """Take a token and return 0.0, or take nothing and return the seconds until one is
+        due."""
+        if now > self._last:
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+            self._last = now
+        if self._tokens >= 1.0 - 1e-9:
             self._tokens -= 1.0
-            if self._tokens >= 0.0:
-                return now
-            return self._last + (-self._tokens) / self._rate
+            return 0.0
+        return max((1.0 - self._tokens) / self._rate, 1e-9)

@@ -1,8 +1,11 @@
 """Frozen result records: what a run hands back, and the results document of DESIGN.md §6.
 
-Records are immutable so they can be shared between threads and kept after the run. ``Attempt``
-and ``StageSpan`` are named tuples: they are built once per call on the engine's hot path, and a
-tuple costs a third of a frozen dataclass to build.
+One record format, owned by this module: the scheduler builds an item's :class:`StageSpan`
+when the item leaves a stage (with one :class:`Attempt` per call, the per-call extras of
+DESIGN §6.1 included) and an :class:`ItemResult` when the item becomes visible; the one
+serializer (:func:`item_doc`) writes them. ``Attempt`` and ``StageSpan`` are named tuples
+(immutable, and a third of a frozen dataclass's cost to build: one is made per call);
+``ErrorInfo`` and ``ItemResult`` are frozen dataclasses.
 """
 from __future__ import annotations
 
@@ -10,10 +13,12 @@ import json
 import math
 import os
 import platform
-from collections.abc import Hashable, Iterator, Mapping, Sequence
-from dataclasses import FrozenInstanceError, dataclass, field
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
+
+from ._errors import describe
 
 __all__ = [
     "Attempt",
@@ -22,6 +27,7 @@ __all__ = [
     "RunReport",
     "StageSpan",
     "StageStats",
+    "item_doc",
     "percentile",
     "summarize",
 ]
@@ -29,148 +35,88 @@ __all__ = [
 Status = Literal["ok", "failed", "cancelled"]
 
 
-class ErrorInfo(NamedTuple):
-    """An exception, reduced to what can be stored and compared: stage, type name, message."""
+@dataclass(frozen=True)
+class ErrorInfo:
+    """An exception, reduced to what can be stored and compared: the stage, the type's name
+    and the message; ``exc_type`` (module-qualified) and ``traceback`` (formatted, at most
+    8 KB, its tail) say more but do not take part in equality."""
 
     stage: str
     type: str
     message: str
+    exc_type: str = field(default="", compare=False)
+    traceback: str = field(default="", repr=False, compare=False)
 
     @classmethod
     def from_exception(cls, stage: str, exc: BaseException) -> ErrorInfo:
-        return cls(stage, type(exc).__name__, str(exc))
+        """Never raises, even when ``str(exc)`` does (the message is then a placeholder)."""
+        name, message, qualified, tb = describe(exc)
+        return cls(stage, name, message, qualified, tb)
+
+    def to_json(self) -> dict[str, str]:
+        return {"stage": self.stage, "type": self.type, "message": self.message,
+                "exc_type": self.exc_type or self.type, "traceback": self.traceback}
 
 
 class Attempt(NamedTuple):
-    """One call of a stage: when it started and ended (seconds since the run started)."""
+    """One call of a stage: when it started and ended (seconds since the run started), its
+    error if it failed, and DESIGN §6.1's extras: ``hedge`` (a hedged duplicate of an attempt),
+    ``lost`` (its twin won; its result was discarded), ``cost`` (what it charged its budget)."""
 
     start: float
     end: float
     error: ErrorInfo | None = None
+    hedge: bool = False
+    lost: bool = False
+    cost: Mapping[str, float] | None = None
 
 
 class StageSpan(NamedTuple):
-    """An item's passage through one stage: every attempt, in order."""
+    """An item's passage through one stage: every call, in order of start. ``start`` is the
+    first call's start, ``end`` the end of the last call not ``lost``. A stage restored from a
+    ledger is ``resumed``: no calls, ``start == end`` = when it was restored."""
 
     name: str
     start: float
     end: float
     attempts: tuple[Attempt, ...]
+    resumed: bool = False
 
 
-_set = object.__setattr__
-_FIELDS = ("index", "key", "status", "value", "error", "stages", "visible_at")
-
-
+@dataclass(frozen=True)
 class ItemResult:
-    """The outcome of one item, handed over when it becomes visible (immutable, like a frozen
-    dataclass: fields ``index, key, status, value, error, stages, visible_at``).
+    """The outcome of one item, handed over when it becomes visible."""
 
-    ``stages`` (one :class:`StageSpan` per stage the item entered) is built on first access:
-    the scheduler records a call as two floats, not three records, which is most of what a
-    result costs to make and to keep. Reading it is the same either way.
-    """
-
-    __slots__ = ("_names", "_stages", "_trace", "error", "index", "key", "status", "value",
-                 "visible_at")
-    __match_args__ = ("index", "key", "status", "value", "error", "stages", "visible_at")
+    # slots by hand: dataclass(slots=True) rebuilds the class, and frozen's __setattr__ then
+    # fails with a TypeError instead of FrozenInstanceError (CPython gh-90562, fixed in 3.12)
+    __slots__ = ("error", "index", "key", "stages", "status", "value", "visible_at")
 
     index: int
     key: Hashable
     status: Status
     value: Any
     error: ErrorInfo | None
+    stages: tuple[StageSpan, ...]
     visible_at: float | None
-    _stages: tuple[StageSpan, ...] | None
-    _trace: list[Any] | None
-    _names: Sequence[str] | None
-
-    def __init__(self, index: int, key: Hashable, status: Status, value: Any,
-                 error: ErrorInfo | None, stages: Sequence[StageSpan],
-                 visible_at: float | None) -> None:
-        _set(self, "index", index)
-        _set(self, "key", key)
-        _set(self, "status", status)
-        _set(self, "value", value)
-        _set(self, "error", error)
-        _set(self, "visible_at", visible_at)
-        _set(self, "_stages", tuple(stages))
-        _set(self, "_trace", None)
-        _set(self, "_names", None)
-
-    @property
-    def stages(self) -> tuple[StageSpan, ...]:
-        spans = self._stages
-        if spans is None:
-            trace = self._trace
-            if trace is None:  # another thread built them since: _stages is set before this
-                return self._stages  # type: ignore[return-value]
-            spans = tuple(_spans(trace, self._names))  # type: ignore[arg-type]
-            _set(self, "_stages", spans)  # two threads may both build them: equal tuples
-            _set(self, "_trace", None)
-        return spans
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
-    def _fields(self) -> tuple[Any, ...]:
-        return (self.index, self.key, self.status, self.value, self.error, self.stages,
-                self.visible_at)
-
-    def __eq__(self, other: object) -> bool:
-        if other.__class__ is not self.__class__:
-            return NotImplemented
-        return self._fields() == other._fields()
-
-    def __hash__(self) -> int:
-        return hash(self._fields())
-
-    def __repr__(self) -> str:
-        body = ", ".join(f"{n}={v!r}" for n, v in zip(_FIELDS, self._fields(), strict=True))
-        return f"{type(self).__name__}({body})"
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise FrozenInstanceError(f"cannot assign to field {name!r}")
-
-    def __delattr__(self, name: str) -> None:
-        raise FrozenInstanceError(f"cannot delete field {name!r}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), self._fields())
-
-
-
-def _trace_rows(trace: list[Any], names: Sequence[str]
-                ) -> Iterator[StageSpan | tuple[str, float, float]]:
-    """Walk a compact trace: per stage entered, in order, the scheduler (``engine._scheduler``,
-    which also builds these results) wrote either ``start, end`` (one successful call) or a
-    ready :class:`StageSpan` (any other case). Yields that span, or ``(name, start, end)``."""
-    i, k, n = 0, 0, len(trace)
-    while i < n:
-        x = trace[i]
-        if x.__class__ is StageSpan:
-            yield x
-            i += 1
-        else:
-            yield names[k], x, trace[i + 1]
-            i += 2
-        k += 1
-
-
-def _spans(trace: list[Any], names: Sequence[str]) -> Iterator[StageSpan]:
-    """The :class:`StageSpan` records of a compact trace."""
-    for row in _trace_rows(trace, names):
-        if isinstance(row, StageSpan):
-            yield row
-        else:
-            name, start, end = row
-            yield StageSpan(name, start, end, (Attempt(start, end, None),))
+    def __reduce__(self) -> tuple[Any, ...]:  # frozen with slots: rebuild through __init__
+        return (ItemResult, (self.index, self.key, self.status, self.value, self.error,
+                             self.stages, self.visible_at))
 
 
 @dataclass(frozen=True, slots=True)
 class StageStats:
-    """Per-stage statistics of a run (seconds are engine-clock seconds)."""
+    """Per-stage statistics of a run (seconds are engine-clock seconds).
+
+    ``queue_wait_s`` is the time calls waited between being queued and starting: for a free
+    slot, and (``limit_wait_s`` of it) for the stage's rate limit or budget. When a caller's
+    ``Executor`` has fewer workers than the stage's limit, ``executor_workers`` says so and the
+    call times are measured where the call ran (not including the executor's own queue).
+    """
 
     name: str
     concurrency: int
@@ -181,12 +127,24 @@ class StageStats:
     queue_wait_s: float  #: sum over calls of (start - time the item was queued for the stage)
     peak_in_flight: int
     wall_s: float
+    limit_wait_s: float = 0.0  #: the part of queue_wait_s spent waiting for a rate limit/budget
+    overloaded: int = 0  #: calls answered with a rate-limit/overload error
+    hedges: int = 0
+    hedges_won: int = 0
+    resumed: int = 0  #: items whose output at this stage was restored from a ledger
+    executor_workers: int | None = None
+    limit_timeline: tuple[tuple[float, int], ...] = ()  #: an adaptive stage's limit changes
 
     @property
     def busy_share(self) -> float:
         """Share of the stage's slot-time spent in calls: busy / (concurrency x wall time)."""
         cap = self.concurrency * self.wall_s
         return self.busy_s / cap if cap > 0 else 0.0
+
+    @property
+    def held_s(self) -> float:
+        """Item-seconds the stage held items back: queued (for a slot or a limit) or in calls."""
+        return self.queue_wait_s + self.busy_s
 
 
 def percentile(sorted_xs: Sequence[float], q: float) -> float:
@@ -215,7 +173,7 @@ def summarize(items: Sequence[Mapping[str, Any]], limits: Mapping[str, int]) -> 
         counts[it["status"]] += 1
         total = 0.0
         for st in it["stages"]:
-            b = sum(e - s for s, e in st["calls"])
+            b = sum(c[1] - c[0] for c in st["calls"] if len(c) < 3 or not c[2].get("lost"))
             busy[st["name"]] += b
             total += b
         chain_max = max(chain_max, total)
@@ -245,41 +203,42 @@ def summarize(items: Sequence[Mapping[str, Any]], limits: Mapping[str, int]) -> 
     }
 
 
-def _item_doc(r: ItemResult, scale: float) -> dict[str, Any]:
+def item_doc(r: ItemResult, scale: float = 1.0) -> dict[str, Any]:
+    """One item of the results document (DESIGN §6 and §6.1), times divided by ``scale``."""
     return {
         "index": r.index,
         "key": str(r.key),
         "status": r.status,
         "visible_at": None if r.visible_at is None else r.visible_at / scale,
-        "error": None if r.error is None else r.error._asdict(),
-        "stages": _stage_docs(r, scale),
+        "error": None if r.error is None else r.error.to_json(),
+        "stages": [_span_doc(sp, scale) for sp in r.stages],
     }
-
-
-def _stage_docs(r: ItemResult, scale: float) -> list[dict[str, Any]]:
-    trace, names = r._trace, r._names
-    if trace is None or names is None:  # built by hand, or its stages were already read
-        return [_span_doc(sp, scale) for sp in r.stages]
-    docs = []
-    for row in _trace_rows(trace, names):  # read directly: no StageSpan for a one-call stage
-        if isinstance(row, StageSpan):
-            docs.append(_span_doc(row, scale))
-        else:
-            name, start, end = row
-            start, end = start / scale, end / scale
-            docs.append({"name": name, "start": start, "end": end, "attempts": 1,
-                         "calls": [[start, end]]})
-    return docs
 
 
 def _span_doc(sp: StageSpan, scale: float) -> dict[str, Any]:
-    return {
+    doc: dict[str, Any] = {
         "name": sp.name,
         "start": sp.start / scale,
         "end": sp.end / scale,
-        "attempts": len(sp.attempts),
-        "calls": [[a.start / scale, a.end / scale] for a in sp.attempts],
+        "attempts": sum(1 for a in sp.attempts if not a.hedge),
+        "calls": [_call_doc(a, scale) for a in sp.attempts],
     }
+    if sp.resumed:
+        doc["resumed"] = True
+    return doc
+
+
+def _call_doc(a: Attempt, scale: float) -> list[Any]:
+    if not (a.hedge or a.lost or a.cost):
+        return [a.start / scale, a.end / scale]
+    extras: dict[str, Any] = {}
+    if a.hedge:
+        extras["hedge"] = True
+    if a.lost:
+        extras["lost"] = True
+    if a.cost:
+        extras["cost"] = dict(a.cost)
+    return [a.start / scale, a.end / scale, extras]
 
 
 @dataclass(frozen=True)
@@ -309,11 +268,12 @@ class RunReport:
 
     @property
     def bottleneck(self) -> StageStats | None:
-        """The stage whose slots were busiest (highest busy share)."""
-        return max(self.stages, key=lambda s: s.busy_share, default=None)
+        """The stage that held items back longest: time queued for a slot, for its rate limit
+        or budget, and in calls, summed over its calls (:attr:`StageStats.held_s`)."""
+        return max(self.stages, key=lambda s: s.held_s, default=None)
 
     def text(self) -> str:
-        """A short human report: counts, throughput, per-stage table, the bottleneck."""
+        """A short human report: counts, throughput, per-stage table, the bottleneck and why."""
         n = len(self.items)
         rate = self.ok / self.wall_time if self.wall_time > 0 else 0.0
         lines = [
@@ -329,9 +289,31 @@ class RunReport:
                 f"{s.name:<14}{s.concurrency:>6}{s.calls:>9}{s.errors:>8}{s.retries:>8}"
                 f"{s.busy_share:>7.0%}{wait:>10.3f}s{s.peak_in_flight:>6}"
             )
+        for s in self.stages:
+            notes = []
+            if s.executor_workers is not None and s.executor_workers < s.concurrency:
+                notes.append(f"its executor has {s.executor_workers} workers for a limit of "
+                             f"{s.concurrency}: at most {s.executor_workers} calls ran at once")
+            if s.overloaded:
+                notes.append(f"{s.overloaded} calls answered overloaded (429)")
+            if s.limit_timeline and len(s.limit_timeline) > 1:
+                notes.append(f"adaptive limit {s.limit_timeline[0][1]} -> "
+                             f"{s.limit_timeline[-1][1]} ({len(s.limit_timeline) - 1} changes)")
+            if s.hedges:
+                notes.append(f"{s.hedges} hedged calls, {s.hedges_won} won")
+            if s.resumed:
+                notes.append(f"{s.resumed} items restored from the ledger")
+            if notes:
+                lines.append(f"  {s.name}: " + "; ".join(notes))
         b = self.bottleneck
-        if b is not None:
-            lines.append(f"bottleneck: {b.name} (slots busy {b.busy_share:.0%} of the run)")
+        if b is not None and b.calls:
+            per = b.held_s / b.calls
+            slot = b.queue_wait_s - b.limit_wait_s
+            lines.append(
+                f"bottleneck: {b.name} held items longest ({per:.3f} s per call: "
+                f"{b.limit_wait_s / b.calls:.3f} s waiting for its rate limit or budget, "
+                f"{slot / b.calls:.3f} s for a slot, {b.busy_s / b.calls:.3f} s in calls; "
+                f"slots busy {b.busy_share:.0%})")
         return "\n".join(lines)
 
     def to_json(
@@ -340,7 +322,7 @@ class RunReport:
         """The results document of DESIGN.md §6 (version 1), times divided by ``time_scale``."""
         if not (isinstance(time_scale, int | float) and time_scale > 0):
             raise ValueError(f"time_scale: expected a number > 0, got {time_scale!r}")
-        items = [_item_doc(r, time_scale) for r in self.items]
+        items = [item_doc(r, time_scale) for r in self.items]
         limits = {s.name: s.concurrency for s in self.stages}
         meta: dict[str, Any] = {
             "scenario": None,

@@ -5,8 +5,10 @@ sleeps itself, so the same policy runs on the live and the virtual clock.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+from ._errors import retry_after_of
+from ._validate import check_bool, check_int, check_number
 
 __all__ = ["RetryPolicy", "unit_random"]
 
@@ -27,23 +29,17 @@ def unit_random(*parts: int) -> float:
     return (x >> 11) / float(1 << 53)
 
 
-def _check_number(field: str, value: object, *, minimum: float, strict: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
-        raise TypeError(f"RetryPolicy.{field}: expected a number, got {value!r}")
-    if value < minimum or (strict and value == minimum):
-        op = ">" if strict else ">="
-        raise ValueError(f"RetryPolicy.{field}: expected a number {op} {minimum}, got {value!r}")
-
-
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Retry a failing stage call up to ``attempts`` calls in all.
 
     The wait before attempt *n+1* is exponential, ``backoff * 2**(n-1)`` capped at
     ``max_backoff``, with full jitter (uniform in [0, that]) when ``jitter`` is true. An
-    exception with a numeric ``retry_after`` attribute (an HTTP 429's ``Retry-After``) makes the
-    wait at least that long. Only exceptions that are instances of ``retry_on`` are retried; the
-    others fail the item at once. A retry goes back to the end of the stage's queue, through its
+    exception with a ``retry_after`` attribute (an HTTP 429's ``Retry-After``: seconds as a
+    number or text, or an HTTP date) makes the wait at least that long, but ``max_backoff``
+    caps every delay, ``retry_after`` included (a hint of a day is not worth waiting for).
+    Only exceptions that are instances of ``retry_on`` are retried; the others fail the item
+    at once (a ``WorkerLost`` call is retried regardless: its worker died, not the call). A retry goes back to the end of the stage's queue, through its
     concurrency limit and rate limit like any call.
     """
 
@@ -54,16 +50,17 @@ class RetryPolicy:
     retry_on: tuple[type[BaseException], ...] = (Exception,)
 
     def __post_init__(self) -> None:
-        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
-            raise TypeError(f"RetryPolicy.attempts: expected an int >= 1, got {self.attempts!r}")
-        if self.attempts < 1:
-            raise ValueError(f"RetryPolicy.attempts: expected an int >= 1, got {self.attempts!r}")
-        _check_number("backoff", self.backoff, minimum=0)
-        _check_number("max_backoff", self.max_backoff, minimum=0)
+        check_int("RetryPolicy.attempts", self.attempts)
+        check_number("RetryPolicy.backoff", self.backoff)
+        check_number("RetryPolicy.max_backoff", self.max_backoff)
+        if self.max_backoff < self.backoff:
+            raise ValueError(f"RetryPolicy.max_backoff: expected a number >= backoff "
+                             f"({self.backoff!r}), got {self.max_backoff!r}")
+        check_bool("RetryPolicy.jitter", self.jitter)
         if isinstance(self.retry_on, type):
             object.__setattr__(self, "retry_on", (self.retry_on,))
         if not (
-            isinstance(self.retry_on, tuple)
+            isinstance(self.retry_on, tuple) and self.retry_on
             and all(isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on)
         ):
             raise TypeError(
@@ -75,10 +72,15 @@ class RetryPolicy:
         return attempt < self.attempts and isinstance(error, self.retry_on)
 
     def delay(self, error: BaseException, attempt: int, u: float = 1.0) -> float:
-        """Seconds to wait after attempt ``attempt`` failed; ``u`` in [0, 1) is the jitter draw."""
-        base = min(self.max_backoff, self.backoff * 2.0 ** (attempt - 1))
+        """Seconds to wait after attempt ``attempt`` failed; ``u`` in [0, 1) is the jitter draw.
+
+        Never raises and never exceeds ``max_backoff``, whatever ``error.retry_after`` says.
+        """
+        cap = self.max_backoff
+        exp = min(attempt - 1, 1000)  # 2.0 ** 1024 overflows; the cap applies long before
+        base = min(cap, self.backoff * 2.0 ** exp)
         wait = base * u if self.jitter else base
-        hint = getattr(error, "retry_after", None)
-        if isinstance(hint, int | float) and not isinstance(hint, bool) and hint > wait:
-            wait = float(hint)
+        hint = retry_after_of(error)
+        if hint is not None and hint > wait:
+            wait = min(hint, cap)
         return wait

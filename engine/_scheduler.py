@@ -3,247 +3,276 @@
 Data flow of a live run on thread stages (the virtual clock replaces the right-hand side with
 an event heap, and drives the very same Scheduler)::
 
-      caller thread (stream()/run())                       worker threads, `concurrency` per stage
-    +-----------------------------------------+          +------------------------------------+
-    | input iterator --admit_one()--> Policy  |  submit  |  stage queue (SimpleQueue, FIFO)   |
-    |   (Continuous / Batch)          |       | -------> |  worker: cancel flag? rate limit?  |
-    |                                 v       |          |          fn(value) -> result        |
-    |   Scheduler.on_done(item, ...)  <-------+--------- |  completion queue (one, shared)     |
-    |     retry? -> timer heap               | complete |                                    |
-    |     next stage? barrier? -> Policy     |          +------------------------------------+
-    |     visible? -> ItemResult -> caller   |
-    +-----------------------------------------+
+   feeder thread          caller thread (stream()/run()): the dispatcher
+  +---------------+     +---------------------------------------------+
+  | input iterator| --> | read-ahead --admit_one()--> Policy           |     worker threads
+  | key(item)     |     |   (Continuous / Batch / yours)  | advance    |    (per stage, one
+  +---------------+     |                                 v            |     per slot)
+                        |  stage FIFO --slot free? rate limit? budget?-+---> inbox -> fn(value)
+                        |       ^                                      |          |
+                        |       |  on_done(call, start, end, ok, res)  <-- completion queue
+                        |     retry timer / next stage / barrier (Policy)  (one, shared)
+                        |     visible? -> ItemResult -> caller         |
+                        +---------------------------------------------+
 
-Nothing but the scheduler touches run state; stage code only sees its value. The dispatcher is
-the caller's own thread (no extra thread, no extra wake-up): it blocks on the completion queue,
-then handles every completion waiting there in one go (streamed hand-offs, decisions in bulk).
-Concurrency limits are enforced by the number of workers per stage: a stage's queue is its FIFO
-of items that arrived there, and at most `concurrency` workers call `fn` at any instant.
+Nothing but the scheduler touches run state; stage code only sees its value. The scheduler
+decides when every call starts: a stage's FIFO lives here, and a call is handed to the backend
+only when the stage has a free slot and its rate limit allows it, so waiting never blocks a
+thread and a cancel drops every waiting call at once (none starts after it). The dispatcher is
+the caller's own thread: it blocks on the completion queue, then handles every completion
+waiting there in one go (streamed hand-offs, decisions in bulk).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterator
-from typing import TYPE_CHECKING, Any, Final
+from collections import deque
+from typing import Any
 
 from ._cancel import CancelToken
+from ._core import Admission, Backend, Policy, _Call, _Item
+from ._errors import WorkerLost
+from ._feed import Feed
 from ._records import Attempt, ErrorInfo, ItemResult, StageSpan, StageStats
-from ._retry import unit_random
+from ._retry import RetryPolicy, unit_random
+from ._stage import Stage
 
-if TYPE_CHECKING:
-    from ._policies import Policy, _Batch
-    from ._stage import Stage
-    from ._strategies import Strategy
+__all__ = ["Scheduler"]
 
-__all__ = ["Backend", "Scheduler"]
-
-# Records are built on the hot path (one Attempt and one StageSpan per call): tuple.__new__ with
-# the named-tuple class skips the generated Python __new__ and builds the same record.
-_new: Final = tuple.__new__
-_object_new: Final = object.__new__
-# ItemResult's slot descriptors, called directly: its __setattr__ refuses (it is frozen), and a
-# descriptor's own __set__ skips object.__setattr__'s lookup by name (~40% of building one).
-_S = ItemResult.__dict__
-_set_index: Final = _S["index"].__set__
-_set_key: Final = _S["key"].__set__
-_set_status: Final = _S["status"].__set__
-_set_value: Final = _S["value"].__set__
-_set_error: Final = _S["error"].__set__
-_set_visible_at: Final = _S["visible_at"].__set__
-_set_trace: Final = _S["_trace"].__set__
-_set_names: Final = _S["_names"].__set__
-_set_stages: Final = _S["_stages"].__set__
+# A call lost with its worker process is retried even on a stage without a RetryPolicy.
+_LOST_RETRY = RetryPolicy(attempts=3, backoff=0.0, max_backoff=0.0, retry_on=(WorkerLost,))
 
 
-def _result(index: int, key: Hashable, status: str, value: Any, error: ErrorInfo | None,
-            trace: list[Any], names: tuple[str, ...], visible_at: float | None) -> ItemResult:
-    """An ItemResult whose stages are built from ``trace`` on first read (see _records)."""
-    r = _object_new(ItemResult)
-    _set_index(r, index)
-    _set_key(r, key)
-    _set_status(r, status)
-    _set_value(r, value)
-    _set_error(r, error)
-    _set_visible_at(r, visible_at)
-    _set_trace(r, trace)
-    _set_names(r, names)
-    _set_stages(r, None)
-    return r
+class _StageState:
+    """A stage's run-time state: its FIFO, its slots and its counters."""
 
-
-class _Item:
-    """The one mutable record of an item in flight (tenacity's RetryCallState, per item)."""
-
-    __slots__ = ("attempt", "batch", "calls", "error", "index", "key", "queued_at", "stage",
-                 "status", "trace", "value")
-
-    def __init__(self, index: int, key: Hashable, value: Any) -> None:
+    def __init__(self, index: int, stage: Stage) -> None:
         self.index = index
-        self.key = key
-        self.value = value
-        self.stage = -1
-        self.attempt = 1
-        self.calls: list[Attempt] | None = None  # failed attempts at the current stage
-        self.trace: list[Any] = []  # per stage: start, end (one ok call) or a StageSpan
-        self.status = ""
-        self.error: ErrorInfo | None = None
-        self.batch: _Batch | None = None
-        self.queued_at = 0.0
+        self.name = stage.name
+        self.limit = stage.concurrency
+        self.retry = stage.retry
+        self.rate_limit = stage.rate_limit
+        self.bucket: Any = None  # the rate limit's bucket, made when the run starts
+        self.waiting: deque[_Item] = deque()  # FIFO of items that arrived here
+        self.running = 0  # calls handed to the backend and not yet reported
+        self.wake_at = -1.0  # a rate-limit wake-up is pending until then
+        self.gated_at = -1.0  # when the head of the queue started waiting for the limit
+        self.peak = 0
+        self.calls = 0
+        self.errors = 0
+        self.retries = 0
+        self.busy = 0.0  # sum of call durations
+        self.wait = 0.0  # sum over calls of (start - time queued)
+        self.limit_wait = 0.0  # item-seconds spent waiting for the rate limit
+        self.executor_workers: int | None = None
 
 
-class Backend:
-    """Where calls run and what time it is. The scheduler asks nothing else of it.
+class Scheduler(Admission):
+    """Admission, stage queues and slots, retries, cancellation, visibility."""
 
-    A base class rather than a Protocol: the live and virtual backends subclass it, so the
-    compiled scheduler calls them directly.
-    """
-
-    def now(self) -> float:
-        """Seconds since the run started (real or virtual)."""
-        raise NotImplementedError
-
-    def submit(self, stage: int, item: _Item) -> None:
-        """Queue a call of ``item`` at ``stage`` (it starts when a slot is free, FIFO)."""
-        raise NotImplementedError
-
-    def call_later(self, delay: float, item: _Item) -> None:
-        """Call ``sched.on_timer(item)`` after ``delay`` seconds (a retry's backoff)."""
-        raise NotImplementedError
-
-    def step(self, sched: Scheduler) -> None:
-        """Wait for completions and report each to ``sched.on_done``."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        """Release everything the backend holds (threads, pools)."""
-        raise NotImplementedError
-
-
-class Scheduler:
-    """Admission, barriers (through the strategy's policy), retries, cancellation, visibility."""
-
-    def __init__(
-        self,
-        stages: tuple[Stage, ...],
-        strategy: Strategy,
-        items: Iterator[Any],
-        key: Callable[[Any], Hashable] | None,
-        cancel: CancelToken,
-    ) -> None:
+    def __init__(self, stages: tuple[Stage, ...], feed: Feed, cancel: CancelToken) -> None:
         self.names = tuple(s.name for s in stages)
-        self.limits = [s.concurrency for s in stages]
+        self._limits = [s.concurrency for s in stages]
         self.last = len(stages) - 1
-        self._iter = items
-        self._key = key
+        self.feed = feed
         self.cancel = cancel
         self.next_index = 0
         self.open = 0  # admitted and not yet handed to the caller
-        self.exhausted = False
         self.error: BaseException | None = None  # raised by the input, a key or a callback
         self.out: list[ItemResult] = []
-        self.stages = [_StageState(st) for st in stages]
+        self.stages = [_StageState(i, st) for i, st in enumerate(stages)]
         self.backend: Backend  # set by attach()
-        self.policy: Policy = strategy.policy(self)
+        self.policy: Policy  # set by the run, from its strategy
 
-    def attach(self, backend: Backend) -> None:
+    def attach(self, backend: Backend, policy: Policy) -> None:
         self.backend = backend
+        self.policy = policy
+        now = backend.now()
+        for st in self.stages:
+            if st.rate_limit is not None:
+                st.bucket = st.rate_limit.bucket(now)
 
-    # -- state the loop reads ------------------------------------------------------------------
+    # -- state the loop and the policies read --------------------------------------------------
     @property
     def cancelled(self) -> bool:
         return self.cancel.cancelled
 
     @property
+    def exhausted(self) -> bool:
+        return self.feed.exhausted or self.cancel.cancelled
+
+    @property
+    def limits(self) -> list[int]:
+        return self._limits
+
+    @property
     def done(self) -> bool:
-        return self.open == 0 and (self.exhausted or self.cancel.cancelled)
+        return self.open == 0 and self.exhausted
 
     def fail_run(self, exc: BaseException) -> None:
-        """An error outside any stage (input, key, callback): stop admission, settle, re-raise."""
+        """An error outside any stage call (input, key, callback, a simulator's bug): stop
+        admission, let what runs settle, then the run re-raises ``exc``."""
         if self.error is None:
             self.error = exc
-        self.exhausted = True
-        self.cancel.cancel(f"{type(exc).__name__}: {exc}")
+        self.cancel.cancel(f"{type(exc).__name__}")
 
     # -- called by the policy ------------------------------------------------------------------
+    def ready(self, n: int) -> bool:
+        return self.feed.ready(n) or self.cancel.cancelled
+
     def admit_one(self) -> _Item | None:
-        """The next input item, or None when the input is exhausted or the run cancelled."""
-        if self.exhausted or self.cancel.cancelled:
+        if self.cancel.cancelled:
             return None
-        try:
-            value = next(self._iter)
-            index = self.next_index
-            key = index if self._key is None else self._key(value)
-        except StopIteration:
-            self.exhausted = True
+        got = self.feed.take()
+        if got is None:
+            if self.feed.error is not None:
+                self.fail_run(self.feed.error)
             return None
-        except Exception as exc:
-            self.fail_run(exc)
-            return None
+        value, key = got
+        index = self.next_index
         self.next_index = index + 1
         self.open += 1
-        return _Item(index, key, value)
+        return _Item(index, index if key is None else key, value)
 
     def advance(self, item: _Item) -> None:
         """Queue ``item`` for its next stage (the first after admission), first attempt there.
-
-        Items only ever move forward one stage, so this is the policies' one way to move them.
-        """
+        Items only ever move forward one stage: the policies' one way to move them."""
         item.stage += 1
         item.attempt = 1
-        self._submit(item)
-
-    def _submit(self, item: _Item) -> None:
-        s = item.stage
-        st = self.stages[s]
-        st.in_flight += 1
-        if st.in_flight > st.peak:
-            st.peak = st.in_flight
-        backend = self.backend
-        item.queued_at = backend.now()
-        backend.submit(s, item)
+        self._enqueue(item)
 
     def drop(self, item: _Item) -> None:
-        """End ``item`` as cancelled without telling the policy (it is the one asking)."""
         item.status = "cancelled"
 
     def emit(self, items: tuple[_Item, ...] | list[_Item]) -> None:
-        """``items`` become visible now (together)."""
         now = self.backend.now()
-        out, names = self.out, self.names
+        out = self.out
         for it in items:
             status = it.status
-            if status == "ok":
-                out.append(_result(it.index, it.key, status, it.value, None, it.trace, names, now))
-            else:
-                out.append(_result(it.index, it.key, status, None, it.error, it.trace, names,
-                              None if status == "cancelled" else now))
+            visible = None if status == "cancelled" else now
+            out.append(ItemResult(it.index, it.key, status,  # type: ignore[arg-type]
+                                  it.value if status == "ok" else None,
+                                  None if status == "ok" else it.error,
+                                  tuple(it.spans), visible))
             it.value = None
+            it.spans = []
         self.open -= len(items)
 
+    # -- stage queues and slots ----------------------------------------------------------------
+    def _enqueue(self, item: _Item) -> None:
+        st = self.stages[item.stage]
+        item.queued_at = self.backend.now()
+        st.waiting.append(item)
+        self._pump(st)
+
+    def _pump(self, st: _StageState) -> None:
+        """Start the calls the stage's free slots and rate limit allow now, in FIFO order."""
+        if self.cancel.cancelled:
+            self._drain()
+            return
+        waiting = st.waiting
+        while waiting and st.running < st.limit:
+            if st.bucket is not None and not self._gate(st):
+                return
+            item = waiting.popleft()
+            self._start(st, item, False)
+
+    def _gate(self, st: _StageState) -> bool:
+        """Whether the stage's rate limit lets a call start now; if not, wake when it does."""
+        now = self.backend.now()
+        if st.wake_at > now:
+            return False
+        wait = st.bucket.take(now)
+        if wait <= 0.0:
+            if st.gated_at >= 0.0:
+                st.limit_wait += (now - st.gated_at) * (len(st.waiting))
+                st.gated_at = -1.0
+            return True
+        if st.gated_at < 0.0:
+            st.gated_at = now
+        st.wake_at = now + wait
+        self.backend.call_later(wait, st)
+        return False
+
+    def _start(self, st: _StageState, item: _Item, hedge: bool) -> None:
+        call = _Call(item, st.index, st.name, item.attempt, hedge, item.queued_at)
+        st.running += 1
+        item.running += 1
+        if st.running > st.peak:
+            st.peak = st.running
+        self.backend.start(call)
+
+    def _drain(self) -> None:
+        """The run is cancelled: every item still waiting for a slot ends cancelled now."""
+        for st in self.stages:
+            while st.waiting:
+                self._finish(st.waiting.popleft(), "cancelled")
+        self.drop_unadmitted()
+
+    def drop_unadmitted(self) -> None:
+        """Items read from the input but not admitted when the run was cancelled: taken from
+        the caller's iterator, so reported (cancelled), never silently lost."""
+        read = self.feed.stop()
+        if read:
+            items = []
+            for value, key in read:
+                index = self.next_index
+                self.next_index = index + 1
+                self.open += 1
+                item = _Item(index, index if key is None else key, value)
+                item.status = "cancelled"
+                items.append(item)
+            self.emit(items)
+
     # -- called by the backend -----------------------------------------------------------------
-    def on_done(self, item: _Item, start: float, end: float, ok: bool | None, result: Any) -> None:
-        """A call of ``item`` at its current stage ended (``ok=None``: it never started)."""
-        s = item.stage
-        st = self.stages[s]
-        st.in_flight -= 1
+    def after_events(self) -> None:
+        """After a backend has reported a batch of events: admit what the policy allows."""
+        if self.cancel.cancelled:
+            self._drain()
+        elif not self.feed.exhausted:
+            self.policy.fill()
+
+    def on_timer(self, obj: object) -> None:
+        """A timer set with ``backend.call_later`` is due: a retry's backoff (an item) or a
+        stage's rate-limit wake-up."""
+        if isinstance(obj, _StageState):
+            obj.wake_at = -1.0
+            self._pump(obj)
+            return
+        assert isinstance(obj, _Item)
+        if self.cancel.cancelled:
+            self._finish(obj, "cancelled")
+        else:
+            self._enqueue(obj)
+
+    def on_done(self, call: _Call, start: float, end: float, ok: bool | None,
+                result: Any) -> None:
+        """A call ended (``ok=None``: it never started). Never raises: an exception while
+        handling the completion fails the item instead (see ``_handle``)."""
+        st = self.stages[call.stage]
+        st.running -= 1
+        item = call.item
+        item.running -= 1
+        try:
+            self._handle(st, call, start, end, ok, result)
+        except Exception as exc:  # a bug of ours or an exception too strange to read
+            if not item.status:
+                item.error = ErrorInfo.from_exception(st.name, exc)
+                self._finish(item, "failed")
+        self._pump(st)
+
+    def _handle(self, st: _StageState, call: _Call, start: float, end: float,
+                ok: bool | None, result: Any) -> None:
+        item = call.item
         if ok is None:
             self._finish(item, "cancelled")
             return
         st.calls += 1
         st.busy += end - start
-        st.wait += start - item.queued_at
+        st.wait += max(0.0, start - call.queued_at)
         if ok:
-            calls = item.calls
-            if calls:  # earlier attempts failed
-                calls.append(_new(Attempt, (start, end, None)))
-                item.trace.append(_new(StageSpan, (self.names[s], calls[0][0], end,
-                                                   tuple(calls))))
-                item.calls = None
-            else:  # the common case, recorded as two floats (ItemResult builds the span)
-                trace = item.trace
-                trace.append(start)
-                trace.append(end)
+            item.calls.append(Attempt(start, end))
             item.value = result
-            if s == self.last:
+            self._close_span(item)
+            if item.stage == self.last:
                 item.status = "ok"
                 self.policy.item_done(item)
             elif self.cancel.cancelled:
@@ -252,62 +281,46 @@ class Scheduler:
             else:
                 self.policy.stage_done(item)
             return
-        err = ErrorInfo(self.names[s], type(result).__name__, str(result))
-        if item.calls is None:
-            item.calls = []
-        item.calls.append(_new(Attempt, (start, end, err)))
+        err = ErrorInfo.from_exception(st.name, result)
+        item.calls.append(Attempt(start, end, err))
         st.errors += 1
-        policy = st.retry
-        if (policy is not None and not self.cancel.cancelled
-                and policy.should_retry(result, item.attempt)):
-            delay = policy.delay(result, item.attempt, unit_random(item.index, s, item.attempt))
-            item.attempt += 1
-            st.retries += 1
-            st.in_flight += 1  # a retry waiting for its timer still belongs to the stage
-            self.backend.call_later(delay, item)
+        if not self.cancel.cancelled and self._should_retry(st, result, item.attempt):
+            self._retry(st, item, result)
             return
-        if self.cancel.cancelled:
-            self._finish(item, "cancelled")
-        else:
-            item.error = err
-            self._finish(item, "failed")
+        item.error = err
+        self._finish(item, "cancelled" if self.cancel.cancelled else "failed")
 
-    def on_timer(self, item: _Item) -> None:
-        """A retry's backoff has elapsed: back to the end of its stage's queue."""
-        self.stages[item.stage].in_flight -= 1
-        if self.cancel.cancelled:
-            self._finish(item, "cancelled")
-        else:
-            self._submit(item)
+    def _should_retry(self, st: _StageState, error: BaseException, attempt: int) -> bool:
+        if isinstance(error, WorkerLost) and _LOST_RETRY.should_retry(error, attempt):
+            return True
+        return st.retry is not None and st.retry.should_retry(error, attempt)
 
-    def _finish(self, item: _Item, status: str) -> None:
+    def _retry(self, st: _StageState, item: _Item, error: BaseException) -> None:
+        policy = st.retry if st.retry is not None else _LOST_RETRY
+        delay = policy.delay(error, item.attempt, unit_random(item.index, st.index, item.attempt))
+        item.attempt += 1
+        st.retries += 1
+        self.backend.call_later(delay, item)  # then back to the end of the stage's queue
+
+    def _close_span(self, item: _Item) -> None:
         calls = item.calls
         if calls:
-            item.trace.append(
-                StageSpan(self.names[item.stage], calls[0].start, calls[-1].end, tuple(calls)))
-            item.calls = None
+            item.spans.append(StageSpan(self.names[item.stage], calls[0].start,
+                                        calls[-1].end, tuple(calls)))
+            item.calls = []
+
+    def _finish(self, item: _Item, status: str) -> None:
+        self._close_span(item)
+        if status == "cancelled":
+            item.error = None
         item.status = status
         self.policy.item_done(item)
 
     def stats(self, wall: float) -> tuple[StageStats, ...]:
         return tuple(
             StageStats(st.name, st.limit, st.calls, st.errors, st.retries, st.busy, st.wait,
-                       min(st.peak, st.limit), wall)
+                       min(st.peak, st.limit, st.executor_workers or st.limit), wall,
+                       limit_wait_s=st.limit_wait, executor_workers=st.executor_workers)
             for st in self.stages
         )
 
-
-class _StageState:
-    """A stage's counters, kept by the scheduler (the backend keeps its own slots)."""
-
-    def __init__(self, stage: Stage) -> None:
-        self.name = stage.name
-        self.limit = stage.concurrency
-        self.retry = stage.retry
-        self.in_flight = 0  # queued, running or waiting for a retry's timer
-        self.peak = 0
-        self.calls = 0
-        self.errors = 0
-        self.retries = 0
-        self.busy = 0.0  # sum of call durations
-        self.wait = 0.0  # sum over calls of (start - time queued)

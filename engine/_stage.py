@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ._ratelimit import RateLimit
 from ._retry import RetryPolicy
+from ._validate import check_int, check_type
 
 __all__ = ["Stage"]
 
@@ -46,17 +49,13 @@ class Stage:
         where = f"Stage {self.name!r}"
         if not callable(self.fn):
             raise TypeError(f"{where}: fn: expected a callable, got {self.fn!r}")
-        c = self.concurrency
-        if isinstance(c, bool) or not isinstance(c, int):
-            raise TypeError(f"{where}: concurrency: expected an int >= 1, got {c!r}")
-        if c < 1:
-            raise ValueError(f"{where}: concurrency: expected an int >= 1, got {c!r}")
-        if self.retry is not None and not isinstance(self.retry, RetryPolicy):
-            raise TypeError(f"{where}: retry: expected a RetryPolicy or None, got {self.retry!r}")
-        if self.rate_limit is not None and not isinstance(self.rate_limit, RateLimit):
-            raise TypeError(
-                f"{where}: rate_limit: expected a RateLimit or None, got {self.rate_limit!r}"
-            )
+        if _is_async(self.fn):
+            raise TypeError(f"{where}: fn: {self.fn!r} is an async function; stage functions "
+                            "must be plain functions (fn(value) -> value)")
+        check_int(f"{where}: concurrency", self.concurrency)
+        check_type(f"{where}: retry", self.retry, RetryPolicy, "a RetryPolicy", optional=True)
+        check_type(f"{where}: rate_limit", self.rate_limit, RateLimit, "a RateLimit",
+                   optional=True)
         ex = self.executor
         if not (ex is None or ex in ("thread", "process")
                 or isinstance(ex, concurrent.futures.Executor)):
@@ -67,8 +66,29 @@ class Stage:
         if self.init is not None:
             if not callable(self.init):
                 raise TypeError(f"{where}: init: expected a callable, got {self.init!r}")
+            if _is_async(self.init):
+                raise TypeError(f"{where}: init: {self.init!r} is an async function; expected "
+                                "a plain function")
             if ex not in (None, "thread"):
                 raise ValueError(
                     f"{where}: init: only thread stages take init; give a process pool or "
                     "executor its own initializer instead"
                 )
+        if ex == "process":
+            _check_picklable(where, self.fn)
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None))  # noqa: B004 -- a callable object's async __call__
+
+
+def _check_picklable(where: str, fn: Callable[..., Any]) -> None:
+    """A process pool sends ``fn`` to its workers by pickling it: a lambda or a local function
+    would fail every call, so refuse it before any work."""
+    try:
+        pickle.dumps(fn)
+    except Exception as exc:
+        raise ValueError(
+            f"{where}: fn: executor='process' needs a function that pickles (defined at module "
+            f"level), got {fn!r} ({type(exc).__name__}: {exc})") from None

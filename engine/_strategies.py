@@ -1,8 +1,9 @@
 """Scheduling strategies: the rules the scheduler consults for admission, barriers, visibility.
 
 A strategy is a frozen, validated description (``Continuous()``, ``Batched(50)``,
-``ParallelBatches(3, 50)``). For each run it builds a small policy object (``_policies``) with
-three methods, called by the scheduler and nothing else:
+``ParallelBatches(3, 50)``, or your own: anything with a ``name``, ``params`` and a
+``policy(sched)`` that returns an ``engine.Policy``). For each run it builds a small policy
+object (``_policies``) with three methods, called by the scheduler and nothing else:
 
 * ``fill()``            -- admit what the rule allows now (pull items lazily from the input);
 * ``stage_done(item)``  -- ``item`` finished a stage that is not its last: where does it go?
@@ -17,14 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol, runtime_checkable
 
-from ._policies import Policy, _BatchPolicy, _ContinuousPolicy
+from ._core import Admission, Policy
+from ._policies import BatchPolicy, ContinuousPolicy
+from ._validate import check_bool, check_int
 
-if TYPE_CHECKING:
-    from ._scheduler import Scheduler
-
-__all__ = ["AUTO", "Batched", "Continuous", "ParallelBatches", "Strategy"]
+__all__ = ["AUTO", "Batched", "Continuous", "ParallelBatches", "Strategy", "strategy_from_name"]
 
 
 class _Auto:
@@ -38,21 +38,18 @@ AUTO: Final = _Auto()
 """``Continuous(max_in_flight=AUTO)``: 4 x the sum of the stage limits, at least 64."""
 
 
-def _positive_int(owner: str, field: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}.{field}: expected an int >= 1, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{owner}.{field}: expected an int >= 1, got {value!r}")
-
-
+@runtime_checkable
 class Strategy(Protocol):
+    """What ``Pipeline.run(..., strategy=...)`` accepts: a name and parameters for the report,
+    and a fresh :class:`~engine.Policy` per run (see ``engine/_policies.py`` for examples)."""
+
     @property
     def name(self) -> str: ...
 
     @property
     def params(self) -> Mapping[str, Any]: ...
 
-    def policy(self, sched: Scheduler) -> Policy: ...
+    def policy(self, sched: Admission) -> Policy: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +61,12 @@ class Continuous:
     """
 
     max_in_flight: int | _Auto | None = AUTO
-    name: str = "continuous"
+
+    name: ClassVar[str] = "continuous"
 
     def __post_init__(self) -> None:
         if self.max_in_flight is not None and self.max_in_flight is not AUTO:
-            _positive_int("Continuous", "max_in_flight", self.max_in_flight)
+            check_int("Continuous.max_in_flight", self.max_in_flight)
 
     def window(self, limits: list[int]) -> int | None:
         if self.max_in_flight is AUTO:
@@ -80,8 +78,8 @@ class Continuous:
     def params(self) -> dict[str, Any]:
         return {"max_in_flight": None if self.max_in_flight is AUTO else self.max_in_flight}
 
-    def policy(self, sched: Scheduler) -> Policy:
-        return _ContinuousPolicy(sched, self.window(sched.limits))
+    def policy(self, sched: Admission) -> Policy:
+        return ContinuousPolicy(sched, self.window(sched.limits))
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,17 +92,18 @@ class Batched:
     """
 
     size: int = 50
-    name: str = "batched"
+
+    name: ClassVar[str] = "batched"
 
     def __post_init__(self) -> None:
-        _positive_int("Batched", "size", self.size)
+        check_int("Batched.size", self.size)
 
     @property
     def params(self) -> dict[str, Any]:
         return {"size": self.size}
 
-    def policy(self, sched: Scheduler) -> Policy:
-        return _BatchPolicy(sched, self.size, lanes=1, lockstep=False)
+    def policy(self, sched: Admission) -> Policy:
+        return BatchPolicy(sched, self.size, lanes=1, lockstep=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,17 +118,43 @@ class ParallelBatches:
     lanes: int = 3
     size: int = 50
     lockstep: bool = False
-    name: str = "parallel-batches"
+
+    name: ClassVar[str] = "parallel-batches"
 
     def __post_init__(self) -> None:
-        _positive_int("ParallelBatches", "lanes", self.lanes)
-        _positive_int("ParallelBatches", "size", self.size)
-        if not isinstance(self.lockstep, bool):
-            raise TypeError(f"ParallelBatches.lockstep: expected a bool, got {self.lockstep!r}")
+        check_int("ParallelBatches.lanes", self.lanes)
+        check_int("ParallelBatches.size", self.size)
+        check_bool("ParallelBatches.lockstep", self.lockstep)
 
     @property
     def params(self) -> dict[str, Any]:
         return {"size": self.size, "lanes": self.lanes, "lockstep": self.lockstep}
 
-    def policy(self, sched: Scheduler) -> Policy:
-        return _BatchPolicy(sched, self.size, lanes=self.lanes, lockstep=self.lockstep)
+    def policy(self, sched: Admission) -> Policy:
+        return BatchPolicy(sched, self.size, lanes=self.lanes, lockstep=self.lockstep)
+
+
+STRATEGIES: Final[dict[str, type[Continuous] | type[Batched] | type[ParallelBatches]]] = {
+    "continuous": Continuous,
+    "batched": Batched,
+    "parallel-batches": ParallelBatches,
+}
+
+
+def strategy_from_name(name: str, **params: Any) -> Continuous | Batched | ParallelBatches:
+    """A built-in strategy from its results-file name and parameters:
+    ``strategy_from_name("batched", size=50)``. The one factory the harness, the example job
+    and the engine share; unknown names and parameters are a ``ValueError`` naming them."""
+    if not isinstance(name, str):
+        raise TypeError(f"strategy: expected a name, got {name!r}")
+    cls = STRATEGIES.get(name)
+    if cls is None:
+        raise ValueError(f"strategy: expected one of {', '.join(STRATEGIES)}, got {name!r}")
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        if "unexpected keyword" in str(exc):
+            known = [f for f in cls.__dataclass_fields__ if f != "name"]
+            raise ValueError(f"strategy {name!r}: unknown parameter(s) {sorted(params)}; "
+                             f"expected some of {known}") from None
+        raise

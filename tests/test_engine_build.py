@@ -32,7 +32,7 @@ RUN = textwrap.dedent("""
     class Sim:
         def __init__(self, k):
             self.k = k
-        def simulate(self, call, value):
+        def simulate(self, call, value, *, now=0.0):
             d = ((call.index * 7919 + self.k * 104729) % 1000) / 250 + 0.01
             if (call.index + self.k) % 9 == 0 and call.attempt == 1:
                 return Simulated(d / 2, None, RuntimeError("flaky"))

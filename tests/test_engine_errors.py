@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from engine import Batched, Continuous, ParallelBatches, Pipeline, Stage
+from engine import Batched, Continuous, ParallelBatches, Pipeline, Stage, StageInitError
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -97,5 +97,7 @@ def test_init_failure_raises() -> None:
     def bad_init():
         raise ConnectionRefusedError("no db")
 
-    with pytest.raises(ConnectionRefusedError, match="no db"):
+    with pytest.raises(StageInitError, match="Stage 's': init raised ConnectionRefusedError: "
+                       "no db") as info:
         Pipeline([Stage("s", lambda v, r: v, 2, init=bad_init)]).run(range(5))
+    assert info.value.stage == "s" and isinstance(info.value.__cause__, ConnectionRefusedError)

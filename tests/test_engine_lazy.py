@@ -29,13 +29,14 @@ def test_admission_is_lazy(strategy, bound) -> None:
     gen = Pipeline([Stage("s", lambda x: time.sleep(0.002) or x, 2)]).stream(
         counting(None, pulled), strategy)
     for seen, _ in enumerate(gen, start=1):
-        # admitted but not handed over: at most `bound` unfinished items plus at most `bound`
-        # finished ones waiting for the consumer (one step's worth)
-        assert len(pulled) - seen <= 2 * bound
+        # pulled but not handed over: at most `bound` unfinished items, at most `bound`
+        # finished ones waiting for the consumer (one step's worth) and the feeder's read-ahead
+        # of one window (`bound`), so a slow input never stalls admission
+        assert len(pulled) - seen <= 3 * bound
         if seen == 40:
             break
     gen.close()
-    assert len(pulled) <= 40 + 2 * bound
+    assert len(pulled) <= 40 + 3 * bound
 
 
 def test_unbounded_continuous_admits_everything_at_once() -> None:

@@ -39,7 +39,7 @@ class Scripted:
         fails = self.fail_every > 0 and (index + attempt) % self.fail_every == 0
         return d, fails
 
-    def simulate(self, call, value):
+    def simulate(self, call, value, *, now=0.0):
         d, fails = self._plan(call.index, call.attempt)
         return Simulated(d, error=RuntimeError("injected")) if fails else Simulated(d, value)
 

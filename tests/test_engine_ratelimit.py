@@ -16,14 +16,16 @@ class Instant:
     def __call__(self, v):
         return v
 
-    def simulate(self, call, value):
+    def simulate(self, call, value, *, now=0.0):
         return Simulated(0.0, value)
 
 
-def test_bucket_reservations_queue() -> None:
+def test_bucket_takes_a_token_or_says_how_long_to_wait() -> None:
     b = TokenBucket(rate=2.0, burst=2, now=0.0)
-    assert [b.reserve(0.0) for _ in range(5)] == [0.0, 0.0, 0.5, 1.0, 1.5]
-    assert b.reserve(10.0) == 10.0  # refilled, capped at burst
+    assert [b.take(0.0) for _ in range(3)] == [0.0, 0.0, pytest.approx(0.5)]
+    assert b.take(0.5) == 0.0  # one token refilled
+    assert b.take(0.5) == pytest.approx(0.5)  # a refusal takes nothing
+    assert [b.take(10.0) for _ in range(3)] == [0.0, 0.0, pytest.approx(0.5)]  # capped at burst
 
 
 def test_virtual_rate_limit_spaces_calls() -> None:

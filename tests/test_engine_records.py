@@ -1,11 +1,10 @@
-"""ItemResult: the scheduler records a call as two floats and builds StageSpan records on first
-read. Reading, comparing, hashing, pickling and serialising must not tell the difference."""
+"""Records: one format. The scheduler builds an item's StageSpan when it leaves a stage and its
+ItemResult when it becomes visible; they compare, hash, pickle and serialise as frozen records,
+and the one serializer writes DESIGN §6/§6.1 from them."""
 from __future__ import annotations
 
 import copy
-import json
 import pickle
-import sys
 from dataclasses import FrozenInstanceError
 
 import pytest
@@ -52,7 +51,7 @@ def eager_copy(r: ItemResult) -> ItemResult:
     return ItemResult(r.index, r.key, r.status, r.value, r.error, r.stages, r.visible_at)
 
 
-def test_stages_built_from_the_compact_trace_match_the_calls() -> None:
+def test_stages_match_the_calls() -> None:
     report = run_report()
     for r in report.items:
         names = [sp.name for sp in r.stages]
@@ -66,7 +65,6 @@ def test_stages_built_from_the_compact_trace_match_the_calls() -> None:
         assert len(retried) == (2 if r.index % 2 == 0 else 1)
         if r.index % 2 == 0:
             assert retried[0].error == ErrorInfo("b", "TransientError", "try 1")
-        assert r.stages is r.stages  # built once, then kept
     bad = report.items[3]
     assert bad.status == "failed" and bad.error is not None and bad.error.stage == "c"
     assert bad.stages[2].attempts[0].error == bad.error
@@ -93,57 +91,59 @@ def test_equal_hash_repr_and_pickle_like_a_frozen_dataclass() -> None:
 
 def test_fields_cannot_be_set_or_deleted() -> None:
     r = run_report().items[0]
-    for field in ("index", "status", "value", "stages", "visible_at", "_trace"):
+    for field in ("index", "status", "value", "stages", "visible_at"):
         with pytest.raises(FrozenInstanceError, match=field):
             setattr(r, field, None)
         with pytest.raises(FrozenInstanceError, match=field):
             delattr(r, field)
 
 
-def test_results_document_is_the_same_read_lazily_or_not() -> None:
+def test_results_document_lists_every_call_and_the_error_in_full() -> None:
     report = run_report()
-    lazy = report.to_json()  # items whose stages were never read: the compact path
-    for r in report.items:
-        _ = r.stages  # now every item holds built StageSpan records
-    built = report.to_json()
-    lazy["metadata"].pop("started_at")
-    built["metadata"].pop("started_at")
-    assert json.dumps(lazy, sort_keys=True) == json.dumps(built, sort_keys=True)
-    doc = lazy["items"][0]["stages"][1]
-    assert doc["name"] == "b" and doc["attempts"] == 2 and len(doc["calls"]) == 2
+    doc = report.to_json()
+    item = doc["items"][0]["stages"][1]
+    assert item["name"] == "b" and item["attempts"] == 2 and len(item["calls"]) == 2
+    assert all(len(c) == 2 for c in item["calls"])  # no extras: plain [start, end]
+    bad = doc["items"][3]
+    err = bad["error"]
+    assert (err["stage"], err["type"]) == ("c", "ZeroDivisionError")
+    assert err["exc_type"] == "ZeroDivisionError"
+    assert "Traceback" in err["traceback"] and "1 // (x - 3)" in err["traceback"]
 
 
-def test_stages_read_from_many_threads_at_once() -> None:
-    """Results are shared between threads: concurrent first reads of ``stages`` all see the
-    same spans (each may build them; none may see the trace already released). The window
-    this guards is a few bytecodes wide: the test exercises the path, it cannot force it."""
-    import threading
+def test_error_info_keeps_the_qualified_type_and_a_bounded_traceback() -> None:
+    class Deep(Exception):
+        pass
 
-    from engine import Continuous
+    def recurse(n: int) -> None:
+        if n == 0:
+            raise Deep("x" * 20_000)
+        recurse(n - 1)
 
-    report = Pipeline([Stage("a", lambda x: x, 4), Stage("b", lambda x: x, 4)]).run(
-        range(3000), Continuous())
-    seen: list[list[tuple[StageSpan, ...]]] = [[] for _ in range(8)]
-    errors: list[BaseException] = []
-    start = threading.Barrier(8)
-
-    def read(k: int) -> None:
-        try:
-            start.wait()
-            seen[k] = [r.stages for r in report.items]
-        except BaseException as exc:  # pragma: no cover - the failure being tested for
-            errors.append(exc)
-
-    threads = [threading.Thread(target=read, args=(k,)) for k in range(8)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(30)
-    finally:
-        sys.setswitchinterval(interval)
-    assert not errors
-    assert all(s == seen[0] for s in seen) and len(seen[0]) == 3000
-    assert all([sp.name for sp in spans] == ["a", "b"] for spans in seen[0])
+        recurse(200)
+    except Deep as exc:
+        info = ErrorInfo.from_exception("s", exc)
+    assert info.type == "Deep"
+    assert info.exc_type.endswith("test_error_info_keeps_the_qualified_type_and_a_bounded_"
+                                  "traceback.<locals>.Deep")
+    assert info.exc_type.startswith("test_engine_records.")
+    assert len(info.traceback) <= 8192 + 10 and info.traceback.startswith("...")
+    assert info == ErrorInfo("s", "Deep", "x" * 20_000)  # extras take no part in equality
+
+
+def test_call_extras_are_serialised_per_design_6_1() -> None:
+    from engine._records import item_doc
+
+    hedge = Attempt(1.0, 2.0, None, hedge=True)
+    lost = Attempt(0.5, 3.0, None, lost=True, cost={"tokens": 12.0, "requests": 1.0})
+    r = ItemResult(0, "k", "ok", 1, None,
+                   (StageSpan("a", 0.5, 2.0, (lost, hedge)),
+                    StageSpan("b", 2.5, 2.5, (), resumed=True)), 3.0)
+    doc = item_doc(r, 0.5)
+    a, b = doc["stages"]
+    assert a["attempts"] == 1  # hedges are not attempts
+    assert a["calls"] == [[1.0, 6.0, {"lost": True, "cost": {"tokens": 12.0, "requests": 1.0}}],
+                          [2.0, 4.0, {"hedge": True}]]
+    assert b == {"name": "b", "start": 5.0, "end": 5.0, "attempts": 0, "calls": [],
+                 "resumed": True}

@@ -28,7 +28,7 @@ class Flaky:
             exc.retry_after = self.retry_after  # type: ignore[attr-defined]
         return exc
 
-    def simulate(self, call, value):
+    def simulate(self, call, value, *, now=0.0):
         if call.attempt <= self.fails:
             return Simulated(self.duration, error=self._error())
         return Simulated(self.duration, value)
@@ -47,7 +47,9 @@ def test_exponential_backoff_without_jitter_is_exact() -> None:
 
 
 def test_max_backoff_caps_the_wait() -> None:
-    policy = RetryPolicy(attempts=4, backoff=10, max_backoff=2, jitter=False)
+    with pytest.raises(ValueError, match="max_backoff: expected a number >= backoff"):
+        RetryPolicy(attempts=4, backoff=10, max_backoff=2, jitter=False)
+    policy = RetryPolicy(attempts=4, backoff=2, max_backoff=2, jitter=False)
     report = Pipeline([Stage("s", Flaky(3), retry=policy)]).run([0], clock="virtual")
     starts = [a.start for a in report.items[0].stages[0].attempts]
     assert starts == [0.0, 3.0, 6.0, 9.0]
@@ -100,7 +102,7 @@ def test_retry_goes_back_through_the_limit() -> None:
     policy = RetryPolicy(attempts=2, backoff=0, jitter=False)
 
     class FirstFails(Flaky):
-        def simulate(self, call, value):
+        def simulate(self, call, value, *, now=0.0):
             if value == 0 and call.attempt == 1:
                 return Simulated(1.0, error=ConnectionError("x"))
             return Simulated(1.0, value)

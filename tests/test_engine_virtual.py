@@ -23,7 +23,7 @@ class Table:
     def __init__(self, durations: list[float]) -> None:
         self.durations = durations
 
-    def simulate(self, call, value):
+    def simulate(self, call, value, *, now=0.0):
         return Simulated(self.durations[call.index], value)
 
     def __call__(self, value):
@@ -130,7 +130,7 @@ def test_unobserved_run_gives_the_same_report(strategy) -> None:
     from engine import RetryPolicy
 
     class Flaky(Table):
-        def simulate(self, call, value):
+        def simulate(self, call, value, *, now=0.0):
             if call.index % 7 == 0 and call.attempt == 1:
                 return Simulated(0.3, None, RuntimeError("flaky"))
             return super().simulate(call, value)

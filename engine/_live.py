@@ -1,0 +1,288 @@
+"""The live backend: real time, calls on long-lived worker threads.
+
+Each stage has an inbox (a ``SimpleQueue``) and one worker loop per slot, submitted once to the
+stage's ``ThreadPoolExecutor``: a call costs two ``SimpleQueue`` hand-offs, not a ``Future``.
+The scheduler hands a call over only when the stage has a free slot, so a worker never waits
+for a slot or a rate limit, and the limit holds by construction. A stage on a process pool or
+a caller's executor gets the same worker loops as relays: each submits its call to the
+executor and waits for it, so the limit stays global and the dispatcher stays central.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import concurrent.futures.thread  # registers its exit hook now, so ours (below) runs first
+import contextlib
+import heapq
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from ._cancel import CancelToken
+from ._context import _local
+from ._core import Backend, _Call
+from ._errors import StageInitError, WorkerLost
+from ._stage import Stage
+
+__all__ = ["LiveBackend"]
+
+_STOP = None  # tells a worker loop to exit
+
+
+class _Wake:
+    """Wakes the dispatcher without a completion (a cancel, or input arriving)."""
+
+
+_WAKE = _Wake()
+
+
+class _Done(NamedTuple):
+    """Worker -> dispatcher: a call ended (``ok=None``: it was not started, the run is
+    cancelled). ``result`` is the return value, or the exception when ``ok`` is False."""
+
+    call: _Call
+    start: float
+    end: float
+    ok: bool | None
+    result: Any
+
+
+class _InitFailed(NamedTuple):
+    """Worker -> dispatcher: the stage's ``init`` raised in this worker."""
+
+    error: StageInitError
+
+
+class _Timed(NamedTuple):
+    """A relayed call's own start and end, measured where it ran (same host clock)."""
+
+    start: float
+    end: float
+    value: Any
+
+
+# Live backends not closed yet: id -> abandon. close() removes its entry; a stream dropped
+# without close() is closed by its generator's finally when collected, so only a stream still
+# referenced at interpreter exit is left here.
+_running: dict[int, Callable[[], None]] = {}
+
+
+def _abandon_all() -> None:
+    # A stream held at exit (e.g. by a global) would leave worker loops blocked on their
+    # queues and the interpreter waiting forever to join them. Like concurrent.futures (whose
+    # own hook runs after this one), stop them before the join.
+    for abandon in list(_running.values()):
+        abandon()
+
+
+threading._register_atexit(_abandon_all)  # type: ignore[attr-defined]
+
+
+def _timed(fn: Callable[[Any], Any], value: Any) -> _Timed:
+    t0 = time.perf_counter()
+    result = fn(value)
+    return _Timed(t0, time.perf_counter(), result)
+
+
+class _Relay:
+    """A stage's calls sent to an executor. A process pool that breaks (a worker died) is
+    replaced, and the calls it lost fail with the retryable ``WorkerLost``."""
+
+    def __init__(self, executor: concurrent.futures.Executor, fn: Callable[[Any], Any],
+                 make: Callable[[], concurrent.futures.Executor] | None) -> None:
+        self.executor = executor
+        self.fn = fn
+        self._make = make  # how to replace a broken pool we own (None: the caller's)
+        self._lock = threading.Lock()
+        # only executors on this host share our monotonic clock
+        self._timed = isinstance(executor, concurrent.futures.ThreadPoolExecutor
+                                 | concurrent.futures.ProcessPoolExecutor)
+
+    def __call__(self, value: Any) -> Any:
+        ex = self.executor
+        try:
+            if self._timed:
+                return ex.submit(_timed, self.fn, value).result()
+            return ex.submit(self.fn, value).result()
+        except concurrent.futures.BrokenExecutor as exc:
+            self._replace(ex)
+            raise WorkerLost(f"the worker running this call died ({type(exc).__name__})") from exc
+
+    def _replace(self, broken: concurrent.futures.Executor) -> None:
+        with self._lock:
+            if self.executor is broken and self._make is not None:
+                broken.shutdown(wait=False, cancel_futures=True)
+                self.executor = self._make()
+
+    def shutdown(self) -> None:
+        if self._make is not None:
+            self.executor.shutdown(wait=True)
+
+
+def _worker_loop(stage: Stage, call_fn: Callable[..., Any], inbox: queue.SimpleQueue[Any],
+                 outbox: queue.SimpleQueue[Any], cancel: CancelToken) -> None:
+    """One slot of a stage: take the next call, run it, report it. Runs until _STOP."""
+    get, put, clock = inbox.get, outbox.put, time.perf_counter
+    resource = None
+    broken = False
+    if stage.init is not None:
+        try:
+            resource = stage.init()
+        except BaseException as exc:  # the run cannot use this stage: fail it, keep draining
+            broken = True
+            put(_InitFailed(StageInitError(stage.name, exc)))
+    try:
+        while True:
+            call = get()
+            if call is _STOP:
+                return
+            if broken or cancel.cancelled:  # the cancellation check: a flag read
+                now = clock()
+                put(_Done(call, now, now, None, None))
+                continue
+            _local.call = call
+            value = call.item.value
+            t0 = clock()
+            try:
+                result = call_fn(value) if resource is None else call_fn(value, resource)
+                ok = True
+            except BaseException as exc:  # every error ends in the item's record
+                result, ok = exc, False
+            t1 = clock()
+            _local.call = None
+            if ok and result.__class__ is _Timed:
+                t0, t1, result = result
+            put(_Done(call, t0, t1, ok, result))
+            del call, value, result  # do not keep the last value alive while idle
+    finally:
+        close = getattr(resource, "close", None)
+        if callable(close):
+            with contextlib.suppress(Exception):  # a failing close must not break shutdown
+                close()
+
+
+class LiveBackend(Backend):
+    """Real time on worker threads (and relays to process pools or other executors)."""
+
+    def __init__(self, stages: tuple[Stage, ...], cancel: CancelToken) -> None:
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._timers: list[tuple[float, int, object]] = []
+        self._seq = itertools.count()
+        self._cancel = cancel
+        self._stages = stages
+        self._inboxes: list[queue.SimpleQueue[Any]] = []
+        self._pools: list[concurrent.futures.ThreadPoolExecutor] = []
+        self._calls: list[Callable[..., Any]] = []
+        self._started: list[int] = []  # worker loops started per stage
+        self._relays: list[_Relay] = []
+        self.executor_workers: list[int | None] = []
+        self._remove_wake = cancel._on_cancel(self.wake)
+        _running[id(self)] = self.abandon
+        try:
+            for st in stages:
+                self._start_stage(st)
+        except BaseException:
+            self.close()
+            raise
+        # the run's clock starts once every worker thread exists (creating 100+ threads takes
+        # tens of ms on a loaded machine: that is set-up, not scheduling)
+        self.base = time.perf_counter()
+
+    def _start_stage(self, st: Stage) -> None:
+        self._inboxes.append(queue.SimpleQueue())
+        self._pools.append(concurrent.futures.ThreadPoolExecutor(
+            max_workers=st.concurrency, thread_name_prefix=f"conveyor-{st.name}"))
+        call: Callable[..., Any] = st.fn
+        workers: int | None = None
+        if st.executor == "process":
+            n = st.concurrency
+
+            def make(n: int = n) -> concurrent.futures.Executor:
+                return concurrent.futures.ProcessPoolExecutor(max_workers=n)
+
+            relay = _Relay(make(), st.fn, make)
+            self._relays.append(relay)
+            call = relay
+        elif isinstance(st.executor, concurrent.futures.Executor):
+            call = _Relay(st.executor, st.fn, None)
+            workers = getattr(st.executor, "_max_workers", None)
+        self._calls.append(call)
+        self.executor_workers.append(workers)
+        self._started.append(0)
+        self._spawn(len(self._inboxes) - 1, st.concurrency)
+
+    def _spawn(self, s: int, n: int) -> None:
+        st = self._stages[s]
+        for _ in range(n):
+            self._pools[s].submit(_worker_loop, st, self._calls[s], self._inboxes[s],
+                                  self._outbox, self._cancel)
+        self._started[s] += n
+
+    def now(self) -> float:
+        return time.perf_counter() - self.base
+
+    def budget_now(self) -> float:
+        return time.monotonic()
+
+    def start(self, call: _Call) -> None:
+        self._inboxes[call.stage].put(call)
+
+    def call_later(self, delay: float, obj: object) -> None:
+        heapq.heappush(self._timers, (time.perf_counter() + delay, next(self._seq), obj))
+
+    def wake(self) -> None:
+        self._outbox.put(_WAKE)
+
+    def step(self, sched: Any) -> None:
+        """Wait for the next completion (or due timer), then handle all that are waiting."""
+        outbox = self._outbox
+        timers = self._timers
+        timeout = None
+        if timers:
+            timeout = 0.0 if sched.cancelled else max(0.0, timers[0][0] - time.perf_counter())
+        try:
+            msg = outbox.get(timeout=timeout)
+        except queue.Empty:
+            msg = _WAKE
+        base = self.base
+        on_done = sched.on_done
+        for _ in range(4096):  # decide in bulk, but hand results over now and then
+            if msg.__class__ is _Done:
+                on_done(msg.call, msg.start - base, msg.end - base, msg.ok, msg.result)
+            elif msg.__class__ is _InitFailed:
+                sched.fail_run(msg.error)
+            if outbox.empty():
+                break
+            msg = outbox.get()
+        msg = None  # do not keep the last result alive while waiting
+        if timers:
+            now = time.perf_counter()
+            cancelled = sched.cancelled
+            while timers and (cancelled or timers[0][0] <= now):
+                sched.on_timer(heapq.heappop(timers)[2])
+        sched.after_events()
+
+    def abandon(self) -> None:
+        """Cancel and tell every worker loop to stop, without waiting (interpreter exit, or a
+        second Ctrl-C: running calls finish in the background)."""
+        self._cancel.cancel("abandoned")
+        self._stop_workers()
+
+    def _stop_workers(self) -> None:
+        for s, inbox in enumerate(self._inboxes):
+            for _ in range(self._started[s]):
+                inbox.put(_STOP)
+            self._started[s] = 0
+
+    def close(self, wait: bool = True) -> None:
+        """Stop every worker loop and (``wait``) join every thread this backend started."""
+        _running.pop(id(self), None)
+        self._remove_wake()
+        self._stop_workers()
+        for pool in self._pools:
+            pool.shutdown(wait=wait)
+        if wait:
+            for relay in self._relays:
+                relay.shutdown()
