@@ -39,8 +39,9 @@ class RetryPolicy:
     number or text, or an HTTP date) makes the wait at least that long, but ``max_backoff``
     caps every delay, ``retry_after`` included (a hint of a day is not worth waiting for).
     Only exceptions that are instances of ``retry_on`` are retried; the others fail the item
-    at once (a ``WorkerLost`` call is retried regardless: its worker died, not the call). A retry goes back to the end of the stage's queue, through its
-    concurrency limit and rate limit like any call.
+    at once (a ``WorkerLost`` call is retried regardless: its worker died, not the call).
+    A retry goes back to the end of the stage's queue, through its concurrency limit and rate
+    limit like any call.
     """
 
     attempts: int = 3
