@@ -1,11 +1,15 @@
 """Bad configuration is rejected before any work starts, naming the field."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from engine import Batched, Continuous, ParallelBatches, Pipeline, RateLimit, RetryPolicy, Stage
 
 pytestmark = pytest.mark.timeout(10)
+INF = float("inf")
+NAN = float("nan")
 
 
 def ident(x):
@@ -39,6 +43,31 @@ def ident(x):
         (lambda: RetryPolicy(retry_on=("x",)), TypeError, "retry_on"),
         (lambda: RateLimit(rate=0), ValueError, "rate"),
         (lambda: RateLimit(rate=1, burst=0), ValueError, "burst"),
+        # issue 10: non-finite, absurd or mistyped values are rejected at the door
+        (lambda: RetryPolicy(backoff=INF), ValueError, "RetryPolicy.backoff"),
+        (lambda: RetryPolicy(backoff=NAN), ValueError, "RetryPolicy.backoff"),
+        (lambda: RetryPolicy(backoff="0.5"), TypeError, "RetryPolicy.backoff"),
+        (lambda: RetryPolicy(max_backoff=INF), ValueError, "RetryPolicy.max_backoff"),
+        (lambda: RetryPolicy(backoff=INF, max_backoff=INF), ValueError, "backoff"),
+        (lambda: RetryPolicy(backoff=5, max_backoff=1), ValueError, "RetryPolicy.max_backoff"),
+        (lambda: RetryPolicy(jitter="no"), TypeError, "RetryPolicy.jitter"),
+        (lambda: RetryPolicy(jitter=1), TypeError, "RetryPolicy.jitter"),
+        (lambda: RetryPolicy(attempts=0), ValueError, "RetryPolicy.attempts"),
+        (lambda: RetryPolicy(attempts=True), TypeError, "RetryPolicy.attempts"),
+        (lambda: RetryPolicy(retry_on=()), TypeError, "RetryPolicy.retry_on"),
+        (lambda: RetryPolicy(retry_on=(int,)), TypeError, "RetryPolicy.retry_on"),
+        (lambda: RateLimit(rate=INF), ValueError, "RateLimit.rate"),
+        (lambda: RateLimit(rate=NAN), ValueError, "RateLimit.rate"),
+        (lambda: RateLimit(rate=-1), ValueError, "RateLimit.rate"),
+        (lambda: RateLimit(rate="2"), TypeError, "RateLimit.rate"),
+        (lambda: RateLimit(rate=0), ValueError, "RateLimit.rate"),
+        (lambda: RateLimit(rate=1, burst=0), ValueError, "RateLimit.burst"),
+        (lambda: RateLimit(rate=1, burst=1.5), TypeError, "RateLimit.burst"),
+        (lambda: RateLimit.per_minute(INF), ValueError, "per_minute"),
+        (lambda: Continuous(name="x"), TypeError, "name"),
+        (lambda: Continuous(max_in_flight=2.5), TypeError, "max_in_flight"),
+        (lambda: Stage("s", ident, concurrency=True), TypeError, "Stage 's': concurrency"),
+        (lambda: Stage("s", ident, concurrency=INF), TypeError, "Stage 's': concurrency"),
         (lambda: Pipeline([]), ValueError, "stages"),
         (lambda: Pipeline([ident]), TypeError, "stages[0]"),
         (lambda: Pipeline([Stage("a", ident), Stage("a", ident)]), ValueError, "duplicate"),
@@ -75,3 +104,51 @@ def test_bad_items_rejected() -> None:
 def test_virtual_clock_needs_simulate() -> None:
     with pytest.raises(TypeError, match="simulate"):
         Pipeline([Stage("s", ident)]).run(range(3), clock="virtual")
+
+
+# -- async functions are rejected until async stages exist (issue 10) --------------------------
+async def async_fn(x):
+    return x
+
+
+async def async_init():
+    return object()
+
+
+class AsyncCallable:
+    async def __call__(self, x):
+        return x
+
+
+class AsyncCallableWithSimulate(AsyncCallable):
+    def simulate(self, call, value, *, now):
+        from engine import Simulated
+
+        return Simulated(1.0, value)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Stage("fetch", async_fn),
+        lambda: Stage("fetch", AsyncCallable()),
+        lambda: Stage("fetch", AsyncCallableWithSimulate()),
+        lambda: Stage("fetch", functools.partial(async_fn)),
+        lambda: Stage("fetch", ident, init=async_init),
+        lambda: Stage("fetch", ident, concurrency=2, init=AsyncCallable()),
+        lambda: Stage("fetch", async_fn, executor="process"),
+    ],
+    ids=["async-def", "async-call", "async-call-simulate", "partial", "init", "init-callable",
+         "process"],
+)
+def test_async_stage_function_rejected_naming_the_stage(make) -> None:
+    with pytest.raises(TypeError, match=r"Stage 'fetch'.*async"):
+        make()
+
+
+def test_sync_callable_object_accepted() -> None:
+    class Plain:
+        def __call__(self, x):
+            return x
+
+    assert Pipeline([Stage("s", Plain())]).run([1]).ok == 1
