@@ -1,6 +1,10 @@
 """Retry timing and backoff, on the virtual clock (exact) and live (ordering only)."""
 from __future__ import annotations
 
+import email.utils
+import threading
+import time
+
 import pytest
 
 from engine import Pipeline, RetryPolicy, Simulated, Stage
@@ -124,3 +128,129 @@ def test_unit_random_is_uniform_enough() -> None:
     xs = [unit_random(i, 1, 2) for i in range(2000)]
     assert min(xs) >= 0 and max(xs) < 1
     assert abs(sum(xs) / len(xs) - 0.5) < 0.03
+
+
+# -- retry_after hints of every shape (issue 10) -------------------------------------------------
+def _http_date(seconds_from_now: float) -> str:
+    return email.utils.formatdate(time.time() + seconds_from_now, usegmt=True)
+
+
+@pytest.mark.parametrize(
+    ("hint", "wait"),
+    [
+        (float("inf"), 5.0),  # capped by max_backoff, never an OverflowError
+        (1e300, 5.0),
+        pytest.param(10**400, 5.0, marks=pytest.mark.xfail(strict=True, reason=(
+            "engine bug: parse_retry_after's float(10**400) raises OverflowError, which "
+            "retry_after_of swallows as 'no hint': a hint of forever retries after the "
+            "backoff instead of max_backoff")), id="10**400"),  # an int too large for a float
+        ("0.2", 0.2),  # the raw text of a Retry-After header
+        (" 3 ", 3.0),
+        (b"0.2", 0.2),
+        ("1e300", 5.0),
+        ("inf", 5.0),
+        (2.5, 2.5),
+        (-5.0, 0.1),  # says nothing usable: the policy's own backoff
+        (float("nan"), 0.1),
+        ("nan", 0.1),
+        ("soon", 0.1),
+        ("", 0.1),
+        (True, 0.1),
+        (object(), 0.1),
+        (None, 0.1),
+    ],
+    ids=lambda v: repr(v)[:20],
+)
+def test_retry_after_of_any_shape_is_capped_or_honoured_exactly(hint, wait) -> None:
+    policy = RetryPolicy(attempts=2, backoff=0.1, max_backoff=5.0, jitter=False)
+    fn = Flaky(1)
+    fn.retry_after = hint  # type: ignore[assignment]
+    report = Pipeline([Stage("s", fn, retry=policy)]).run([0], clock="virtual")
+    (r,) = report.items
+    assert r.status == "ok"
+    at = r.stages[0].attempts
+    assert at[0].end == 1.0
+    assert at[1].start == pytest.approx(1.0 + wait, abs=1e-12)
+
+
+def test_retry_after_http_date_is_honoured() -> None:
+    policy = RetryPolicy(attempts=2, backoff=0.1, max_backoff=60.0, jitter=False)
+    fn = Flaky(1)
+    fn.retry_after = _http_date(4)  # type: ignore[assignment]  # whole seconds: 3 < wait <= 4
+    report = Pipeline([Stage("s", fn, retry=policy)]).run([0], clock="virtual")
+    at = report.items[0].stages[0].attempts
+    assert 2.0 < at[1].start - at[0].end <= 4.0
+
+
+@pytest.mark.parametrize(("offset", "wait"), [(86_400.0, 5.0), (-3600.0, 0.1)],
+                         ids=["tomorrow-capped", "past-ignored"])
+def test_retry_after_http_date_far_away(offset, wait) -> None:
+    policy = RetryPolicy(attempts=2, backoff=0.1, max_backoff=5.0, jitter=False)
+    fn = Flaky(1)
+    fn.retry_after = _http_date(offset)  # type: ignore[assignment]
+    report = Pipeline([Stage("s", fn, retry=policy)]).run([0], clock="virtual")
+    at = report.items[0].stages[0].attempts
+    assert at[1].start - at[0].end == pytest.approx(wait)
+
+
+def test_max_backoff_caps_retry_after_with_jitter() -> None:
+    policy = RetryPolicy(attempts=3, backoff=1.0, max_backoff=2.0, jitter=True)
+    fn = Flaky(2, retry_after=float("inf"))
+    report = Pipeline([Stage("s", fn, 10, retry=policy)]).run(range(10), clock="virtual")
+    for r in report.items:
+        at = r.stages[0].attempts
+        assert [at[k + 1].start - at[k].end for k in range(2)] == [pytest.approx(2.0)] * 2
+
+
+def test_many_attempts_never_overflow() -> None:
+    """2.0 ** 1100 overflows: the exponential is capped long before it is computed."""
+    policy = RetryPolicy(attempts=1100, backoff=0.0, max_backoff=0.0, jitter=False)
+    report = Pipeline([Stage("s", Flaky(1099, duration=0.0), retry=policy)]).run(
+        [0], clock="virtual")
+    assert report.items[0].status == "ok"
+    assert len(report.items[0].stages[0].attempts) == 1100
+    capped = RetryPolicy(attempts=2000, backoff=1.0, max_backoff=3.0, jitter=False)
+    assert capped.delay(ConnectionError(), 1500) == 3.0
+
+
+@pytest.mark.timeout(20, method="thread")
+@pytest.mark.parametrize("hint", [float("inf"), 1e300, "0.02", "inf"], ids=repr)
+def test_live_retry_after_capped_by_max_backoff(hint) -> None:
+    policy = RetryPolicy(attempts=2, backoff=0.0, max_backoff=0.05, jitter=False)
+    t = time.perf_counter()
+    report = Pipeline([Stage("s", Flaky(1, retry_after=hint), 2, retry=policy)]).run(range(4))
+    assert time.perf_counter() - t < 10
+    assert report.ok == 4
+    for r in report.items:
+        at = r.stages[0].attempts
+        assert at[1].start - at[0].end >= 0.02 - 1e-3
+
+
+@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
+    "engine bug: engine/_live.py LiveBackend.step passes the next timer's delay straight to "
+    "SimpleQueue.get(timeout=...), which raises OverflowError above threading.TIMEOUT_MAX "
+    "(~9.2e9 s); cap the timeout (min(timeout, threading.TIMEOUT_MAX) or an hour, then loop)"))
+@pytest.mark.timeout(20, method="thread")
+def test_live_absurd_but_finite_max_backoff_never_overflows() -> None:
+    """``max_backoff=1e10`` (317 years) is finite, so accepted; an absurd hint then asks for a
+    1e10 s wait. The dispatcher must not die of an OverflowError waiting for it (a lock's
+    timeout is at most threading.TIMEOUT_MAX): a cancel ends the run with the item cancelled."""
+    from engine import CancelToken
+
+    token = CancelToken()
+    policy = RetryPolicy(attempts=2, backoff=0.0, max_backoff=1e10, jitter=False)
+    threading.Timer(0.3, token.cancel).start()
+    report = Pipeline([Stage("s", Flaky(1, retry_after=1e300), retry=policy)]).run(
+        [0], cancel=token)
+    assert [r.status for r in report.items] == ["cancelled"]
+
+
+def test_unit_random_and_delay_never_raise_on_odd_errors() -> None:
+    class Odd(Exception):
+        @property
+        def retry_after(self):
+            raise RuntimeError("header missing")
+
+    policy = RetryPolicy(attempts=3, backoff=0.5, max_backoff=4.0, jitter=False)
+    assert policy.delay(Odd(), 1) == 0.5
+    assert policy.delay(Odd(), 10) == 4.0
