@@ -185,3 +185,135 @@ def test_ctrl_c_interrupts_a_long_virtual_run_at_once() -> None:
     assert out.startswith("interrupted"), (out, err)
     assert float(out.split()[1]) < 3.0, out  # 1 s of running, then a prompt stop
     assert "RuntimeError" not in err, err
+
+
+# -- a simulator's own failures surface (issue 10) ---------------------------------------------
+class SimulatorBug(Exception):
+    pass
+
+
+class RaisingSim:
+    """A custom simulator with a bug: raises for one item."""
+
+    def __init__(self, bad: int) -> None:
+        self.bad = bad
+        self.raised: BaseException | None = None
+
+    def __call__(self, value):
+        return value
+
+    def simulate(self, call, value, *, now):
+        if value == self.bad:
+            self.raised = SimulatorBug(f"no latency for {value}")
+            raise self.raised
+        return Simulated(1.0, value)
+
+
+def _frames(exc: BaseException) -> list[str]:
+    import traceback
+
+    return [f.name for f in traceback.extract_tb(exc.__traceback__)]
+
+
+@pytest.mark.timeout(20, method="thread")
+@pytest.mark.parametrize("observed", [False, True], ids=["run", "run-on_result"])
+@pytest.mark.parametrize("strategy", [Continuous(), Batched(size=4),
+                                      ParallelBatches(lanes=2, size=3)], ids=lambda s: s.name)
+@pytest.mark.parametrize("where", [0, 1], ids=["first-stage", "second-stage"])
+def test_simulate_that_raises_is_raised_by_run(where, strategy, observed) -> None:
+    sims = [Table([1.0] * 20), Table([1.0] * 20)]
+    bad = RaisingSim(bad=7)
+    sims[where] = bad
+    stages = [Stage("a", sims[0], 3), Stage("b", sims[1], 2)]
+    kwargs = {"on_result": lambda r: None} if observed else {}
+    with pytest.raises(SimulatorBug) as info:
+        Pipeline(stages).run(range(20), strategy, clock="virtual", **kwargs)
+    assert info.value is bad.raised  # that very exception, not a hang or an engine error
+    assert "simulate" in _frames(info.value)  # with the simulator's own traceback
+
+
+@pytest.mark.timeout(20, method="thread")
+def test_simulate_that_raises_is_raised_by_stream() -> None:
+    bad = RaisingSim(bad=5)
+    got = []
+    with pytest.raises(SimulatorBug) as info:
+        for r in Pipeline([Stage("a", Table([1.0] * 10), 2), Stage("b", bad, 2)]).stream(
+                range(10), clock="virtual"):
+            got.append(r)
+    assert info.value is bad.raised and "simulate" in _frames(info.value)
+    by = {r.index: r for r in got}
+    assert sorted(by) == list(range(10))  # every item handed over once before the raise
+    assert by[5].status == "cancelled" and [sp.name for sp in by[5].stages] == ["a"]
+
+
+@pytest.mark.timeout(20, method="thread")
+def test_simulate_that_raises_on_a_retry() -> None:
+    from engine import RetryPolicy
+
+    class RetryBug(RaisingSim):
+        def simulate(self, call, value, *, now):
+            if call.attempt == 1:
+                return Simulated(1.0, error=ConnectionError("flaky"))
+            self.raised = SimulatorBug("attempt 2")
+            raise self.raised
+
+    bad = RetryBug(bad=-1)
+    with pytest.raises(SimulatorBug) as info:
+        Pipeline([Stage("a", bad, retry=RetryPolicy(attempts=3, backoff=0.5))]).run(
+            range(3), clock="virtual")
+    assert info.value is bad.raised
+
+
+class Durations:
+    def __init__(self, bad) -> None:
+        self.bad = bad
+
+    def __call__(self, value):
+        return value
+
+    def simulate(self, call, value, *, now):
+        return Simulated(self.bad if value == 3 else 1.0, value)
+
+
+@pytest.mark.timeout(20, method="thread")
+@pytest.mark.parametrize("bad", [-4.9, -1e-9, float("nan"), float("inf"), float("-inf"), "1",
+                                 None, True], ids=repr)
+@pytest.mark.parametrize("consume", ["run", "stream"])
+def test_bad_simulated_duration_is_a_simulation_error_naming_the_stage(bad, consume) -> None:
+    from engine import SimulationError
+
+    p = Pipeline([Stage("fetch", Table([1.0] * 8), 2), Stage("analyze", Durations(bad), 2)])
+    with pytest.raises(SimulationError, match="'analyze'") as info:
+        if consume == "run":
+            p.run(range(8), clock="virtual")
+        else:
+            list(p.stream(range(8), clock="virtual"))
+    assert isinstance(info.value, ValueError)
+
+
+def test_zero_duration_is_fine() -> None:
+    report = Pipeline([Stage("s", Durations(0.0))]).run(range(5), clock="virtual")
+    assert report.ok == 5 and report.items[3].stages[0].end == report.items[3].stages[0].start
+
+
+def test_simulate_is_called_with_now_as_a_keyword() -> None:
+    """The engine calls ``simulate(call, value, now=t)``: ``now`` is the call's start."""
+    seen = []
+
+    class KeywordOnly:
+        def __call__(self, value):
+            return value
+
+        def simulate(self, call, value, *, now):  # no default: must be passed by keyword
+            seen.append((call.index, call.stage, call.attempt, value, now))
+            return Simulated(1.0 + call.index, value * 10)
+
+    p = Pipeline([Stage("a", KeywordOnly(), 2), Stage("b", KeywordOnly(), 1)])
+    report = p.run(range(4), clock="virtual")
+    starts = {(r.index, sp.name): sp.start for r in report.items for sp in r.stages}
+    assert len(seen) == 8
+    for index, stage, attempt, value, now in seen:
+        assert attempt == 1
+        assert now == starts[(index, stage)]
+        assert value == (index if stage == "a" else index * 10)
+    assert [n for *_, n in seen] == sorted(n for *_, n in seen)  # nondecreasing
