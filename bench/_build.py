@@ -16,9 +16,11 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
 from bench._results import git_commit
-from bench._scenario import Scenario, StageSpec, StrategySpec
+from bench._scenario import BudgetSpec, Scenario, StageSpec, StrategySpec
 from engine import (
+    Adaptive,
     Batched,
+    Budget,
     Continuous,
     ItemResult,
     ParallelBatches,
@@ -27,9 +29,9 @@ from engine import (
     RetryPolicy,
     Stage,
 )
-from simulators import Faults, SimulatedService
+from simulators import Faults, Provider, SimulatedService
 
-__all__ = ["Clock", "build_pipeline", "build_strategy", "run_once"]
+__all__ = ["Clock", "PauseOnRateLimit", "build_pipeline", "build_strategy", "run_once"]
 
 Strategy = Continuous | Batched | ParallelBatches
 Clock = Literal["live", "virtual"]
@@ -44,7 +46,11 @@ def build_strategy(spec: StrategySpec) -> Strategy:
     return ParallelBatches(**p)
 
 
-def _service(sc: Scenario, st: StageSpec, time_scale: float) -> SimulatedService:
+def _service(sc: Scenario, st: StageSpec, time_scale: float) -> SimulatedService | Provider:
+    if st.provider is not None:
+        pv = st.provider
+        return Provider(st.name, st.latency, capacity=pv.capacity, per_minute=pv.per_minute,
+                        tokens=pv.tokens, seed=sc.seed, time_scale=time_scale)
     rl = st.rate_limit
     faults = Faults(error_rate=st.error_rate, timeout=st.timeout,
                     rate_limit=rl.per_s if rl else None, outages=st.outages,
@@ -52,11 +58,58 @@ def _service(sc: Scenario, st: StageSpec, time_scale: float) -> SimulatedService
     return SimulatedService(st.name, st.latency, faults, seed=sc.seed, time_scale=time_scale)
 
 
+class PauseOnRateLimit:
+    """The OpenAI cookbook's rule as a user writes it: a stage function whose every rate-limit
+    error says "retry after at least ``pause_s``" (``retry_after = max(pause_s, its own)``), on
+    a stage with a budget, so the engine pauses the whole budget (every stage on it) that long
+    on any 429 (DESIGN.md section 9). Live and virtual; ``pause_s`` in scenario seconds."""
+
+    def __init__(self, fn: Any, pause_s: float, time_scale: float = 1.0) -> None:
+        self.fn, self.pause_s, self.time_scale = fn, float(pause_s), float(time_scale)
+
+    def _widen(self, exc: BaseException, scale: float) -> None:
+        hint = getattr(exc, "retry_after", None)
+        if hint is not None:
+            try:
+                own = float(hint)
+            except (TypeError, ValueError):
+                own = 0.0
+            exc.retry_after = max(self.pause_s * scale, own)  # type: ignore[attr-defined]
+
+    def __call__(self, value: Any) -> Any:
+        try:
+            return self.fn(value)
+        except Exception as exc:
+            self._widen(exc, self.time_scale)
+            raise
+
+    def simulate(self, call: Any, value: Any, *, now: float) -> Any:
+        sim = self.fn.simulate(call, value, now=now)
+        if sim.error is not None:
+            self._widen(sim.error, 1.0)  # virtual: scenario seconds
+        return sim
+
+    def estimate(self, value: Any, call: Any = None) -> Any:
+        return self.fn.estimate(value, call)
+
+    def start(self) -> None:
+        self.fn.start()
+
+
+def _budget(b: BudgetSpec, ts: float) -> Budget:
+    """The client's ``engine.Budget``: live rates are per real minute (scenario minute x ts);
+    the burst stays in units (default: one scenario second's worth)."""
+    burst = dict(b.burst) if b.burst else {k: v / 60.0 for k, v in b.per_minute.items()}
+    return Budget(b.name, {k: v / ts for k, v in b.per_minute.items()}, burst=burst)
+
+
 def build_pipeline(sc: Scenario, *, clock: Clock, time_scale: float | None = None
-                   ) -> tuple[Pipeline, list[SimulatedService]]:
+                   ) -> tuple[Pipeline, list[SimulatedService | Provider]]:
     """The scenario's pipeline of simulated services; ``time_scale`` (default: the scenario's)
     matters for live runs only."""
     ts = (time_scale or sc.time_scale) if clock == "live" else 1.0
+    budgets = {b.name: _budget(b, ts) for b in sc.budgets
+               if any(st.budget == b.name for st in sc.stages)}
     stages, services = [], []
     for st in sc.stages:
         svc = _service(sc, st, ts)
@@ -69,9 +122,26 @@ def build_pipeline(sc: Scenario, *, clock: Clock, time_scale: float | None = Non
         if st.rate_limit is not None and st.rate_limit.pace:
             # the client paces itself at the service's limit (burst 1: evenly spaced calls)
             rate_limit = RateLimit(st.rate_limit.per_s / ts, burst=1)
-        stages.append(Stage(st.name, svc, st.concurrency, retry=retry, rate_limit=rate_limit))
+        fn: Any = svc if st.pause_s is None else PauseOnRateLimit(svc, st.pause_s, ts)
+        concurrency: Any = st.concurrency
+        if st.adaptive is not None:
+            a = st.adaptive
+            concurrency = Adaptive(a.initial, min=a.min, max=a.max)
+        kw: dict[str, Any] = {}
+        if st.budget is not None:
+            kw["budget"] = budgets[st.budget]
+            if isinstance(svc, Provider):
+                # reserve the estimate (a tokenizer's count); the engine settles with the usage
+                kw["cost"] = _estimator(svc)
+        stages.append(Stage(st.name, fn, concurrency, retry=retry, rate_limit=rate_limit, **kw))
         services.append(svc)
     return Pipeline(stages), services
+
+
+def _estimator(provider: Provider) -> Callable[[Any], dict[str, float]]:
+    def cost(value: Any) -> dict[str, float]:
+        return {"tokens": float(provider.estimate(value))}
+    return cost
 
 
 @contextlib.contextmanager
@@ -116,5 +186,10 @@ def run_once(sc: Scenario, strategy: str, *, clock: Clock, time_scale: float | N
         meta["gc"] = "automatic collection paused during the run"
     if repeat is not None:
         meta["repeat"] = repeat
+    if sc.variant is not None:
+        meta["variant"] = sc.variant
+    accounts = sc.accounts()
+    if accounts:  # every variant is measured against the same accounts (DESIGN.md 6.1)
+        meta["budgets"] = accounts
     meta.update(extra or {})
     return report.to_json(metadata=meta, time_scale=ts)

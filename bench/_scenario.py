@@ -21,6 +21,9 @@ from bench._memory import fits_message
 
 __all__ = [
     "STRATEGY_NAMES",
+    "AdaptiveSpec",
+    "BudgetSpec",
+    "ProviderSpec",
     "RateLimitSpec",
     "RetrySpec",
     "Scenario",
@@ -32,6 +35,8 @@ __all__ = [
     "load_scenario",
     "parse_scenario",
     "resolve_scenario",
+    "scenario_variants",
+    "variant_scenario",
 ]
 
 STRATEGY_NAMES = ("continuous", "batched", "parallel-batches")
@@ -80,15 +85,60 @@ class RateLimitSpec:
 
 
 @dataclass(frozen=True)
+class AdaptiveSpec:
+    """``concurrency = { adaptive = { initial, min, max } }``: the engine's ``Adaptive``."""
+
+    initial: int
+    min: int
+    max: int
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """``provider = { capacity, per_minute, tokens }``: the stage is a ``simulators.Provider``
+    (a rate-limited service such as an LLM account) with the stage's latency."""
+
+    per_minute: Mapping[str, float]
+    capacity: int | None = None
+    tokens: Mapping[str, Any] | None = None  #: a distribution spec, in tokens per item
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """A ``[budgets.NAME]`` table: a client-side ``engine.Budget`` with these limits, and, when
+    ``stages`` is not empty, the provider account those stages call (DESIGN.md section 6.1:
+    ``metadata.budgets``, the same for every variant)."""
+
+    name: str
+    per_minute: Mapping[str, float]
+    burst: Mapping[str, float] | None = None
+    #: the stages whose provider is this account: the stages that name it in the scenario as
+    #: written (before any variant), or the table's own ``stages``
+    stages: tuple[str, ...] = ()
+
+    def account(self) -> dict[str, Any]:
+        """The ``metadata.budgets`` entry: the account's limits; its burst is the provider's
+        (one minute's worth), not the client budget's."""
+        return {"name": self.name, "stages": list(self.stages),
+                "per_minute": dict(self.per_minute), "burst": dict(self.per_minute)}
+
+
+@dataclass(frozen=True)
 class StageSpec:
     name: str
-    concurrency: int
+    concurrency: int  #: the fixed limit, or an adaptive stage's max
     latency: Mapping[str, Any]
     error_rate: float = 0.0
     timeout: float | None = None
     rate_limit: RateLimitSpec | None = None
     outages: tuple[tuple[float, float], ...] = ()
     retry: RetrySpec | None = None
+    adaptive: AdaptiveSpec | None = None
+    provider: ProviderSpec | None = None
+    budget: str | None = None  #: the name of a [budgets.NAME] table
+    #: the OpenAI cookbook's rule: every rate-limit error of the stage pauses its budget for at
+    #: least this long (its retry_after becomes max(pause_s, its own))
+    pause_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +162,20 @@ class Scenario:
     #: the validated document, with file paths made absolute: what sweeps edit and re-validate,
     #: and what a live run's worker process gets
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    budgets: tuple[BudgetSpec, ...] = ()
+    variants: tuple[str, ...] = ()  #: the names of its [variants], in file order
+    variant: str | None = None  #: the variant this scenario is (metadata.variant), if any
+
+    def budget(self, name: str) -> BudgetSpec:
+        for b in self.budgets:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+    def accounts(self) -> list[dict[str, Any]]:
+        """``metadata.budgets``: the provider accounts (budgets some stage is on), the same for
+        every variant of the scenario."""
+        return [b.account() for b in self.budgets if b.stages]
 
     def strategy(self, name: str) -> StrategySpec:
         for s in self.strategies:
@@ -278,14 +342,66 @@ def _outages(value: Any, where: str) -> tuple[tuple[float, float], ...]:
     return tuple(out)
 
 
+def _concurrency(value: Any, where: str) -> tuple[int, AdaptiveSpec | None]:
+    """``N`` or ``{ adaptive = { initial, min = 1, max } }``: (the fixed limit or the max, the
+    adaptive spec or None)."""
+    if not isinstance(value, dict):
+        return _int(value, where, minimum=1), None
+    _keys(value, where, ("adaptive",))
+    w = f"{where}.adaptive"
+    tbl = _table(value["adaptive"], w)
+    _keys(tbl, w, ("initial", "max"), ("min",))
+    lo = _int(tbl.get("min", 1), f"{w}.min", minimum=1)
+    hi = _int(tbl["max"], f"{w}.max", minimum=lo)
+    init = _int(tbl["initial"], f"{w}.initial", minimum=lo)
+    if init > hi:
+        raise _Invalid(f"{w}.initial", f"expected an integer in [min, max] = [{lo}, {hi}], "
+                                       f"got {init}")
+    return hi, AdaptiveSpec(init, lo, hi)
+
+
+_DIMENSIONS = ("requests", "tokens")  #: what simulators.Provider counts
+
+
+def _limits(value: Any, where: str, allowed: tuple[str, ...] | None = None
+            ) -> dict[str, float]:
+    tbl = _table(value, where)
+    if not tbl:
+        raise _Invalid(where, "expected at least one limit, e.g. { requests = 5000, tokens = "
+                              "2000000 }")
+    if allowed is not None:
+        _keys(tbl, where, (), allowed)
+    out = {}
+    for k, v in tbl.items():
+        if not _NAME_RE.match(k):
+            raise _Invalid(_join(where, k), "expected a dimension name of letters and digits")
+        out[k] = _num(v, _join(where, k), gt=0)
+    return out
+
+
+def _provider(value: Any, where: str, base: Path) -> ProviderSpec:
+    tbl = _table(value, where)
+    _keys(tbl, where, ("per_minute",), ("capacity", "tokens"))
+    per_minute = _limits(tbl["per_minute"], f"{where}.per_minute", _DIMENSIONS)
+    capacity = _int(tbl["capacity"], f"{where}.capacity", minimum=1) if "capacity" in tbl \
+        else None
+    tokens = _latency(tbl["tokens"], f"{where}.tokens", base) if "tokens" in tbl else None
+    return ProviderSpec(per_minute, capacity, tokens)
+
+
+#: keys a stage with a provider may not have: the provider is the service and its faults
+_NOT_WITH_PROVIDER = ("errors", "timeout", "rate_limit", "outages")
+
+
 def _stage(value: Any, where: str, base: Path) -> StageSpec:
     tbl = _table(value, where)
     _keys(tbl, where, ("name", "concurrency", "latency"),
-          ("errors", "timeout", "rate_limit", "outages", "retry"))
+          ("errors", "timeout", "rate_limit", "outages", "retry", "provider", "budget",
+           "pause_s"))
     name = _str(tbl["name"], f"{where}.name")
     if not _NAME_RE.match(name):
         raise _Invalid(f"{where}.name", f"expected letters, digits, '.', '_' or '-', got {name!r}")
-    concurrency = _int(tbl["concurrency"], f"{where}.concurrency", minimum=1)
+    concurrency, adaptive = _concurrency(tbl["concurrency"], f"{where}.concurrency")
     latency = _latency(tbl["latency"], f"{where}.latency", base)
     error_rate = 0.0
     if "errors" in tbl:
@@ -297,7 +413,56 @@ def _stage(value: Any, where: str, base: Path) -> StageSpec:
         else None
     outages = _outages(tbl["outages"], f"{where}.outages") if "outages" in tbl else ()
     retry = _retry(tbl["retry"], f"{where}.retry") if "retry" in tbl else None
-    return StageSpec(name, concurrency, latency, error_rate, timeout, rate_limit, outages, retry)
+    provider = None
+    if "provider" in tbl:
+        provider = _provider(tbl["provider"], f"{where}.provider", base)
+        for k in _NOT_WITH_PROVIDER:
+            if k in tbl:
+                raise _Invalid(f"{where}.{k}", "not with provider (the provider is the service: "
+                                               "its limits and 429s are its faults)")
+    budget = None
+    if "budget" in tbl:
+        if not isinstance(tbl["budget"], str):
+            raise _Invalid(f"{where}.budget", "expected the name of a [budgets.NAME] table, got "
+                                              f"{_type_name(tbl['budget'])}")
+        budget = tbl["budget"]
+    pause_s = None
+    if "pause_s" in tbl:
+        pause_s = _num(tbl["pause_s"], f"{where}.pause_s", gt=0)
+        if budget is None:
+            raise _Invalid(f"{where}.pause_s", "needs budget = \"NAME\" (a rate-limit error "
+                                               "pauses the stage's budget)")
+    return StageSpec(name, concurrency, latency, error_rate, timeout, rate_limit, outages, retry,
+                     adaptive, provider, budget, pause_s)
+
+
+def _budgets(value: Any, stages: tuple[StageSpec, ...]) -> tuple[BudgetSpec, ...]:
+    tbl = _table(value, "budgets")
+    names = [st.name for st in stages]
+    out = []
+    for name, b in tbl.items():
+        where = f"budgets.{name}"
+        if not _NAME_RE.match(name):
+            raise _Invalid(where, "expected a name of letters, digits, '.', '_' or '-'")
+        b = _table(b, where)
+        _keys(b, where, ("per_minute",), ("burst", "stages"))
+        per_minute = _limits(b["per_minute"], f"{where}.per_minute")
+        burst = None
+        if "burst" in b:
+            burst = _limits(b["burst"], f"{where}.burst", tuple(per_minute))
+        if "stages" in b:
+            on = b["stages"]
+            if not isinstance(on, list) or not all(isinstance(x, str) for x in on):
+                raise _Invalid(f"{where}.stages", "expected an array of stage names")
+            for x in on:
+                if x not in names:
+                    raise _Invalid(f"{where}.stages", f"no stage {x!r} (stages: "
+                                                      f"{', '.join(names)})")
+            account = tuple(on)
+        else:
+            account = tuple(st.name for st in stages if st.budget == name)
+        out.append(BudgetSpec(name, per_minute, burst, account))
+    return tuple(out)
 
 
 def _strategy(name: str, value: Any, where: str) -> StrategySpec:
@@ -333,7 +498,7 @@ def _strategy(name: str, value: Any, where: str) -> StrategySpec:
 def _scenario(doc: Any, source: str, base: Path) -> Scenario:
     doc = _table(doc, "")
     _keys(doc, "", ("name", "items", "stages", "strategies"),
-          ("seed", "time_scale", "description"))
+          ("seed", "time_scale", "description", "budgets", "variants", "variant"))
     name = _str(doc["name"], "name")
     if not _NAME_RE.match(name):
         raise _Invalid("name", f"expected letters, digits, '.', '_' or '-' (it names the results "
@@ -352,6 +517,13 @@ def _scenario(doc: Any, source: str, base: Path) -> Scenario:
             raise _Invalid(f"stages[{k}].name",
                            f"expected a unique stage name, {st.name!r} repeats")
         seen.add(st.name)
+    budgets = _budgets(doc["budgets"], stages) if "budgets" in doc else ()
+    have = [b.name for b in budgets]
+    for k, st in enumerate(stages):
+        if st.budget is not None and st.budget not in have:
+            raise _Invalid(f"stages[{k}].budget",
+                           f"no [budgets.{st.budget}] table (budgets: {', '.join(have)})" if have
+                           else f"no [budgets.{st.budget}] table (the scenario has no budgets)")
     too_big = fits_message(items, stages)  # before anything runs, not when the kernel kills it
     if too_big:
         raise _Invalid("items", too_big)
@@ -359,9 +531,129 @@ def _scenario(doc: Any, source: str, base: Path) -> Scenario:
     if not strategies_tbl:
         raise _Invalid("strategies", f"expected at least one of: {', '.join(STRATEGY_NAMES)}")
     strategies = tuple(_strategy(k, v, f"strategies.{k}") for k, v in strategies_tbl.items())
+    variant = None
+    if "variant" in doc:
+        if "variants" in doc:
+            raise _Invalid("variant", "not with [variants] (it names the variant a document "
+                                      "was made from)")
+        variant = _str(doc["variant"], "variant")
+        if not _NAME_RE.match(variant):
+            raise _Invalid("variant", f"expected letters, digits, '.', '_' or '-', got "
+                                      f"{variant!r}")
     raw = copy.deepcopy(doc)
-    raw["stages"] = [dict(s, latency=st.latency) for s, st in zip(raw_stages, stages, strict=True)]
-    return Scenario(name, items, seed, time_scale, stages, strategies, description, source, raw)
+    raw_out = []
+    for s, st in zip(raw_stages, stages, strict=True):
+        d = dict(s, latency=st.latency)
+        if st.provider is not None and st.provider.tokens is not None:
+            d["provider"] = dict(s["provider"], tokens=st.provider.tokens)
+        raw_out.append(d)
+    raw["stages"] = raw_out
+    variants: tuple[str, ...] = ()
+    if "variants" in doc:
+        vt = _table(doc["variants"], "variants")
+        if not vt:
+            raise _Invalid("variants", "expected one or more variants, e.g. fixed-50 = { "
+                                       "\"stages.analyze.budget\" = false }")
+        for vname in vt:
+            if not _NAME_RE.match(vname):
+                raise _Invalid(f"variants.{vname}", "expected a name of letters, digits, '.', "
+                                                    "'_' or '-' (it names a results folder)")
+            _parse_variant(raw, vname, budgets, source, base)  # validated before anything runs
+        variants = tuple(vt)
+    return Scenario(name, items, seed, time_scale, stages, strategies, description, source, raw,
+                    budgets, variants, variant)
+
+
+# --------------------------------------------------------------------------- variants
+
+#: what a variant may change in a stage: how it runs, never the workload (latency, provider,
+#: faults), so that every variant runs on the same latencies and is measured on one bound
+VARIANT_STAGE_KEYS = ("concurrency", "budget", "pause_s", "retry")
+#: stage keys an override of ``false`` removes
+_REMOVABLE = ("budget", "pause_s", "retry")
+
+
+def _override(doc: dict[str, Any], path: str, value: Any, where: str) -> str:
+    """Set ``path`` to ``value`` in ``doc``; returns the field that path is in the document
+    (``stages[1].concurrency``), to name the override in later errors."""
+    keys = path.split(".")
+    if any(not k for k in keys):
+        raise _Invalid(where, "expected a dotted path such as stages.analyze.concurrency")
+    if keys[0] == "stages":
+        if len(keys) < 3:
+            raise _Invalid(where, "expected stages.NAME.KEY")
+        stages = doc["stages"]
+        k = next((k for k, st in enumerate(stages) if st.get("name") == keys[1]), None)
+        if k is None:
+            raise _Invalid(where, f"no stage {keys[1]!r} (stages: "
+                                  f"{', '.join(str(st.get('name')) for st in stages)})")
+        if keys[2] not in VARIANT_STAGE_KEYS:
+            near = difflib.get_close_matches(keys[2], VARIANT_STAGE_KEYS, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise _Invalid(where, f"unknown key path ({hint}a variant changes how a stage runs, "
+                                  f"not the workload: expected stages.{keys[1]}.KEY with KEY one "
+                                  f"of: {', '.join(VARIANT_STAGE_KEYS)})")
+        target: dict[str, Any] = stages[k]
+        rest = keys[2:]
+        field_ = f"stages[{k}]." + ".".join(rest)
+        removable = len(rest) == 1 and rest[0] in _REMOVABLE
+    elif keys[0] == "strategies" and len(keys) >= 2:
+        target = doc["strategies"]
+        rest = keys[1:]
+        field_ = path
+        removable = len(rest) == 1
+    else:
+        raise _Invalid(where, "unknown key path (expected stages.NAME.KEY or "
+                              "strategies.NAME[.KEY])")
+    for key in rest[:-1]:
+        nxt = target.setdefault(key, {})
+        if not isinstance(nxt, dict):
+            raise _Invalid(where, f"{key!r} is not a table")
+        target = nxt
+    if value is False and removable:
+        target.pop(rest[-1], None)
+    else:
+        target[rest[-1]] = copy.deepcopy(value)
+    return field_
+
+
+def variant_doc(raw: Mapping[str, Any], name: str, budgets: tuple[BudgetSpec, ...]
+                ) -> dict[str, Any]:
+    """The scenario document of variant ``name``: the overrides applied, ``variants`` replaced
+    by ``variant = name``, and each budget's account stages written into it (those of the
+    scenario as written), so the document stands alone (live workers, sweeps, repeats)."""
+    doc, _ = _variant_doc(raw, name, budgets)
+    return doc
+
+
+def _variant_doc(raw: Mapping[str, Any], name: str, budgets: tuple[BudgetSpec, ...]
+                 ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    overrides = _table(raw["variants"][name], f"variants.{name}")
+    if not overrides:
+        raise _Invalid(f"variants.{name}", "expected one or more overrides, e.g. "
+                                           "{ \"stages.analyze.concurrency\" = 20 }")
+    doc = copy.deepcopy({k: v for k, v in raw.items() if k != "variants"})
+    fields = []
+    for path, value in overrides.items():
+        where = f'variants.{name}."{path}"'
+        fields.append((_override(doc, path, value, where), where))
+    doc["variant"] = name
+    if budgets:
+        doc["budgets"] = {b.name: dict(doc["budgets"][b.name], stages=list(b.stages))
+                          for b in budgets}
+    return doc, fields
+
+
+def _parse_variant(raw: Mapping[str, Any], name: str, budgets: tuple[BudgetSpec, ...],
+                   source: str, base: Path) -> Scenario:
+    doc, fields = _variant_doc(raw, name, budgets)
+    try:
+        return _scenario(doc, source, base)
+    except _Invalid as exc:  # name the override that made the document invalid
+        for field_, where in fields:
+            if exc.field == field_ or exc.field.startswith(field_ + "."):
+                raise _Invalid(where + exc.field[len(field_):], exc.message) from None
+        raise _Invalid(f"variants.{name}", f"{exc.field}: {exc.message}") from None
 
 
 # --------------------------------------------------------------------------- entry points
@@ -391,6 +683,27 @@ def load_scenario(path: str | Path) -> Scenario:
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(str(p), "", f"not valid TOML ({exc})") from None
     return parse_scenario(doc, source=str(p), base=p.resolve().parent)
+
+
+def variant_scenario(sc: Scenario, name: str) -> Scenario:
+    """Variant ``name`` of ``sc`` (a scenario with [variants]) as a scenario of its own."""
+    if name not in sc.variants:
+        raise ScenarioError(sc.source, "variants", f"has no {name!r} (it defines: "
+                                                   f"{', '.join(sc.variants) or 'none'})")
+    try:
+        return _parse_variant(sc.raw, name, sc.budgets, sc.source, Path.cwd())
+    except _Invalid as exc:
+        raise ScenarioError(sc.source, exc.field, exc.message) from None
+
+
+def scenario_variants(sc: Scenario, names: list[str] | None = None) -> list[Scenario]:
+    """The scenarios to run: each named variant (default: all of them), or ``sc`` itself when
+    it has no [variants]."""
+    if not sc.variants:
+        if names:
+            raise ScenarioError(sc.source, "variants", "the scenario has no [variants] table")
+        return [sc]
+    return [variant_scenario(sc, n) for n in (names or sc.variants)]
 
 
 def builtin_names() -> list[str]:
