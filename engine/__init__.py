@@ -8,10 +8,14 @@
         ...
 """
 from ._accel import COMPILED  # first (keep it so): picks the compiled hot path or the sources
+from ._adaptive import Adaptive, is_overload
+from ._budget import Budget, parse_duration
 from ._cancel import CancelToken
 from ._context import CallInfo, CurrentCall, Simulated, SupportsSimulate, current_call
 from ._core import Admission, Policy
 from ._errors import StageInitError, WorkerLost
+from ._hedge import Hedge
+from ._ledger import CodecError, JsonCodec, Ledger, LedgerBusy, LedgerError, SqliteLedger
 from ._pipeline import Pipeline
 from ._ratelimit import RateLimit
 from ._records import (
@@ -32,15 +36,23 @@ from ._virtual import SimulationError
 __all__ = [
     "AUTO",
     "COMPILED",
+    "Adaptive",
     "Admission",
     "Attempt",
     "Batched",
+    "Budget",
     "CallInfo",
     "CancelToken",
+    "CodecError",
     "Continuous",
     "CurrentCall",
     "ErrorInfo",
+    "Hedge",
     "ItemResult",
+    "JsonCodec",
+    "Ledger",
+    "LedgerBusy",
+    "LedgerError",
     "ParallelBatches",
     "Pipeline",
     "Policy",
@@ -49,6 +61,7 @@ __all__ = [
     "RunReport",
     "Simulated",
     "SimulationError",
+    "SqliteLedger",
     "Stage",
     "StageInitError",
     "StageSpan",
@@ -57,6 +70,8 @@ __all__ = [
     "SupportsSimulate",
     "WorkerLost",
     "current_call",
+    "is_overload",
+    "parse_duration",
     "percentile",
     "strategy_from_name",
     "summarize",

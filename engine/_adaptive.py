@@ -112,7 +112,8 @@ class AdaptiveLimit:
     ``(start, initial)`` and then one entry per change (a results file's ``limit_timeline``).
     """
 
-    __slots__ = ("_cut_at", "_overloaded", "_window", "limit", "policy", "timeline")
+    __slots__ = ("_cut_at", "_overloaded", "_slow_start", "_window", "limit", "policy",
+                 "timeline")
 
     def __init__(self, policy: Adaptive, now: float) -> None:
         self.policy = policy
@@ -121,6 +122,7 @@ class AdaptiveLimit:
         self._cut_at = -math.inf   # when the last decrease happened
         self._window = 0           # saturated successes counted in the current window
         self._overloaded = False   # an overload (even an ignored one) seen in this window
+        self._slow_start = True    # until the first overload: +1 per saturated completion
 
     def _set(self, now: float, limit: int) -> bool:
         if limit == self.limit:
@@ -137,10 +139,14 @@ class AdaptiveLimit:
         of a call that started before the last decrease is ignored for cutting (it was sent
         under the old limit) but still keeps the current window from growing. A decrease opens
         a new window. Completions while not saturated count for nothing: a limit the stage does
-        not use says nothing about the service.
+        not use says nothing about the service. Until the first overload the limit grows by
+        one per saturated completion (TCP's slow start: it doubles per round trip), so a limit
+        started far below the service's capacity gets there in a few round trips, not
+        hundreds.
         """
         p = self.policy
         if overloaded:
+            self._slow_start = False
             self._overloaded = True
             if start < self._cut_at:
                 return False
@@ -150,6 +156,8 @@ class AdaptiveLimit:
             return self._set(now, max(p.min, math.floor(self.limit * p.decrease)))
         if not saturated:
             return False
+        if self._slow_start:  # TCP's slow start: the limit doubles per round trip
+            return self.limit < p.max and self._set(now, self.limit + 1)
         self._window += 1
         if self._window < self.limit:
             return False

@@ -37,8 +37,8 @@ class _Item:
 class _Call:
     """One call of one item at one stage: what a backend runs and reports back."""
 
-    __slots__ = ("attempt", "charged", "estimate", "hedge", "item", "lost", "name", "queued_at",
-                 "stage")
+    __slots__ = ("attempt", "charged", "done", "estimate", "hedge", "item", "lost", "name",
+                 "queued_at", "stage", "started_at", "twin")
 
     def __init__(self, item: _Item, stage: int, name: str, attempt: int, hedge: bool,
                  queued_at: float) -> None:
@@ -51,6 +51,9 @@ class _Call:
         self.lost = False  # its twin won: its result will be discarded
         self.charged: dict[str, float] | None = None  # current_call().charge(...)
         self.estimate: Mapping[str, float] | None = None  # what its budget reserved
+        self.started_at = 0.0  # when the scheduler handed it to the backend
+        self.done = False  # reported back
+        self.twin: _Call | None = None  # its hedge, or the attempt it hedges
 
 
 class Backend:

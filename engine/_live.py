@@ -176,6 +176,7 @@ class LiveBackend(Backend):
         self._pools: list[concurrent.futures.ThreadPoolExecutor] = []
         self._calls: list[Callable[..., Any]] = []
         self._started: list[int] = []  # worker loops started per stage
+        self._busy: list[int] = []  # calls handed over and not yet reported, per stage
         self._relays: list[_Relay] = []
         self.executor_workers: list[int | None] = []
         self._remove_wake = cancel._on_cancel(self.wake)
@@ -193,11 +194,11 @@ class LiveBackend(Backend):
     def _start_stage(self, st: Stage) -> None:
         self._inboxes.append(queue.SimpleQueue())
         self._pools.append(concurrent.futures.ThreadPoolExecutor(
-            max_workers=st.concurrency, thread_name_prefix=f"conveyor-{st.name}"))
+            max_workers=st.max_concurrency, thread_name_prefix=f"conveyor-{st.name}"))
         call: Callable[..., Any] = st.fn
         workers: int | None = None
         if st.executor == "process":
-            n = st.concurrency
+            n = st.max_concurrency
 
             def make(n: int = n) -> concurrent.futures.Executor:
                 return concurrent.futures.ProcessPoolExecutor(max_workers=n)
@@ -211,7 +212,10 @@ class LiveBackend(Backend):
         self._calls.append(call)
         self.executor_workers.append(workers)
         self._started.append(0)
-        self._spawn(len(self._inboxes) - 1, st.concurrency)
+        self._busy.append(0)
+        c = st.concurrency
+        # an adaptive stage starts with threads for its initial limit and grows on demand
+        self._spawn(len(self._inboxes) - 1, c if isinstance(c, int) else c.initial)
 
     def _spawn(self, s: int, n: int) -> None:
         st = self._stages[s]
@@ -227,7 +231,11 @@ class LiveBackend(Backend):
         return time.monotonic()
 
     def start(self, call: _Call) -> None:
-        self._inboxes[call.stage].put(call)
+        s = call.stage
+        busy = self._busy[s] = self._busy[s] + 1
+        if busy > self._started[s]:  # an adaptive limit rose: one more worker loop
+            self._spawn(s, 1)
+        self._inboxes[s].put(call)
 
     def call_later(self, delay: float, obj: object) -> None:
         heapq.heappush(self._timers, (time.perf_counter() + delay, next(self._seq), obj))
@@ -248,8 +256,10 @@ class LiveBackend(Backend):
             msg = _WAKE
         base = self.base
         on_done = sched.on_done
+        busy = self._busy
         for _ in range(4096):  # decide in bulk, but hand results over now and then
             if msg.__class__ is _Done:
+                busy[msg.call.stage] -= 1
                 on_done(msg.call, msg.start - base, msg.end - base, msg.ok, msg.result)
             elif msg.__class__ is _InitFailed:
                 sched.fail_run(msg.error)

@@ -114,7 +114,7 @@ class Pipeline:
         results.sort(key=lambda r: r.index)
         wall = run.wall()
         report = RunReport(tuple(results), run.sched.stats(wall), run.strategy.name,
-                           run.params, run.clock, wall, run.started_at)
+                           run.params, run.clock, wall, run.started_at, budgets=run.budgets())
         run.raise_pending()
         if run.interrupted:
             interrupt = KeyboardInterrupt()

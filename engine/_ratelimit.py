@@ -57,3 +57,7 @@ class TokenBucket:
             self._tokens -= 1.0
             return 0.0
         return max((1.0 - self._tokens) / self._rate, 1e-9)
+
+    def give_back(self) -> None:
+        """Return the token just taken (another gate refused the call)."""
+        self._tokens = min(self._burst, self._tokens + 1.0)

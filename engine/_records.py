@@ -128,12 +128,27 @@ class StageStats:
     peak_in_flight: int
     wall_s: float
     limit_wait_s: float = 0.0  #: the part of queue_wait_s spent waiting for a rate limit/budget
+    budget_wait_s: float = 0.0  #: the budget's part of limit_wait_s
     overloaded: int = 0  #: calls answered with a rate-limit/overload error
     hedges: int = 0
     hedges_won: int = 0
     resumed: int = 0  #: items whose output at this stage was restored from a ledger
     executor_workers: int | None = None
     limit_timeline: tuple[tuple[float, int], ...] = ()  #: an adaptive stage's limit changes
+    budget: str | None = None  #: the name of the budget the stage reserves from
+
+    def to_json(self, scale: float = 1.0) -> dict[str, Any]:
+        """The stage's entry in ``metadata.stages`` (DESIGN §6.1: counters only when set)."""
+        doc: dict[str, Any] = {"name": self.name, "concurrency": self.concurrency}
+        if self.limit_timeline:
+            doc["limit_timeline"] = [[t / scale, n] for t, n in self.limit_timeline]
+        for key, value in (("overloaded", self.overloaded), ("hedges", self.hedges),
+                           ("hedges_won", self.hedges_won), ("resumed", self.resumed)):
+            if value:
+                doc[key] = value
+        if self.budget is not None:
+            doc["budget_wait_s"] = self.budget_wait_s / scale
+        return doc
 
     @property
     def busy_share(self) -> float:
@@ -157,8 +172,43 @@ def percentile(sorted_xs: Sequence[float], q: float) -> float:
     return sorted_xs[lo] + (h - lo) * (sorted_xs[hi] - sorted_xs[lo])
 
 
-def summarize(items: Sequence[Mapping[str, Any]], limits: Mapping[str, int]) -> dict[str, Any]:
-    """The §6 summary, computed from item documents only (``to_json()["items"]``).
+def budget_bound(items: Sequence[Mapping[str, Any]],
+                 budgets: Sequence[Mapping[str, Any]]) -> float:
+    """DESIGN §6.1: the largest, over budgets and dimensions, of (cost of the calls that
+    succeeded - burst) / (per_minute / 60). A call's cost is its ``cost`` extra (``requests``
+    1 when missing); a stage restored from a ledger or failed costs nothing."""
+    if not budgets:
+        return 0.0
+    used: dict[tuple[int, str], float] = {}
+    for it in items:
+        error = it.get("error") or {}
+        failed_stage = error.get("stage") if it["status"] == "failed" else None
+        for st in it["stages"]:
+            if st.get("resumed") or st["name"] == failed_stage:
+                continue
+            kept = [c for c in st["calls"] if len(c) < 3 or not c[2].get("lost")]
+            if not kept:
+                continue
+            cost = (kept[-1][2].get("cost") if len(kept[-1]) > 2 else None) or {}
+            for b, bud in enumerate(budgets):
+                if st["name"] in bud.get("stages", ()):
+                    for dim in bud["per_minute"]:
+                        default = 1.0 if dim == "requests" else 0.0
+                        used[(b, dim)] = used.get((b, dim), 0.0) + float(cost.get(dim, default))
+    bound = 0.0
+    for (b, dim), total in used.items():
+        rate = float(budgets[b]["per_minute"][dim]) / 60.0
+        burst = float((budgets[b].get("burst") or {}).get(dim, 0.0))
+        if rate > 0:
+            bound = max(bound, max(0.0, total - burst) / rate)
+    return bound
+
+
+def summarize(items: Sequence[Mapping[str, Any]], limits: Mapping[str, int],
+              budgets: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+    """The §6 summary, computed from item documents only (``to_json()["items"]``); with
+    ``budgets`` (``metadata.budgets``) it adds ``budget_bound_s`` and counts it in the lower
+    bound (§6.1).
 
     Undefined values (nothing visible, no ok item) are 0, so every field is a number. The
     harness (``bench._metrics``) recomputes the same summary independently, with numpy, to
@@ -183,7 +233,8 @@ def summarize(items: Sequence[Mapping[str, Any]], limits: Mapping[str, int]) -> 
             if it["status"] == "ok":
                 visible_ok.append(v)
     makespan = max(visible_any) if visible_any else 0.0
-    lower = max([busy[n] / limits[n] for n in busy] + [chain_max, 0.0])
+    bb = budget_bound(items, budgets or ())
+    lower = max([busy[n] / limits[n] for n in busy] + [chain_max, bb, 0.0])
     xs = sorted(visible_ok)
 
     def pct(q: float) -> float:
@@ -200,6 +251,7 @@ def summarize(items: Sequence[Mapping[str, Any]], limits: Mapping[str, int]) -> 
         "visible_p99_s": pct(99),
         "visible_max_s": xs[-1] if xs else 0.0,
         **counts,
+        **({"budget_bound_s": bb} if budgets else {}),
     }
 
 
@@ -253,6 +305,8 @@ class RunReport:
     wall_time: float
     started_at: str
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    #: the budgets the stages reserve from: ``{"name", "stages", "per_minute", "burst"}``
+    budgets: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def ok(self) -> int:
@@ -332,17 +386,19 @@ class RunReport:
             "seed": None,
             "time_scale": time_scale,
             "items": len(items),
-            "stages": [{"name": s.name, "concurrency": s.concurrency} for s in self.stages],
+            "stages": [s.to_json(time_scale) for s in self.stages],
             "python": platform.python_version(),
             "cpus": os.cpu_count(),
             "git_commit": None,
             "started_at": self.started_at,
         }
+        if self.budgets:
+            meta["budgets"] = [dict(b) for b in self.budgets]
         meta.update(self.metadata)
         if metadata:
             meta.update(metadata)
-        return {"version": 1, "metadata": meta, "summary": summarize(items, limits),
-                "items": items}
+        summary = summarize(items, limits, meta.get("budgets"))
+        return {"version": 1, "metadata": meta, "summary": summary, "items": items}
 
     def save(
         self,

@@ -55,7 +55,8 @@ class Run:
         self._items = items
         if clock == "virtual":
             VirtualBackend.check(stages)
-        self.sched = Scheduler(stages, SyncFeed(iter(()), None), self.token)
+        self.sched = Scheduler(stages, SyncFeed(iter(()), None), self.token,
+                               virtual=clock == "virtual")
         self.policy = strategy.policy(self.sched)
         self.backend: Backend | None = None  # threads start with the first result asked for
         self.feed: Feed | None = None
@@ -178,6 +179,15 @@ class Run:
     def raise_pending(self) -> None:
         if self.sched.error is not None:
             raise self.sched.error
+
+    def budgets(self) -> tuple[dict[str, Any], ...]:
+        """The budgets the stages reserve from, for the report (DESIGN §6.1)."""
+        found: dict[int, dict[str, Any]] = {}
+        for st in self._stages:
+            if st.budget is not None:
+                doc = found.setdefault(id(st.budget), {**st.budget.describe(), "stages": []})
+                doc["stages"].append(st.name)
+        return tuple(found.values())
 
     def wall(self) -> float:
         assert self.backend is not None

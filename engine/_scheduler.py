@@ -24,7 +24,7 @@ waiting there in one go (streamed hand-offs, decisions in bulk).
 """
 from __future__ import annotations
 
-from collections import deque
+import logging
 from typing import Any
 
 from ._cancel import CancelToken
@@ -34,6 +34,7 @@ from ._feed import Feed
 from ._records import Attempt, ErrorInfo, ItemResult, StageSpan, StageStats
 from ._retry import RetryPolicy, unit_random
 from ._stage import Stage
+from ._stagestate import StageState
 
 __all__ = ["Scheduler"]
 
@@ -41,36 +42,25 @@ __all__ = ["Scheduler"]
 _LOST_RETRY = RetryPolicy(attempts=3, backoff=0.0, max_backoff=0.0, retry_on=(WorkerLost,))
 
 
-class _StageState:
-    """A stage's run-time state: its FIFO, its slots and its counters."""
+log = logging.getLogger("engine")
 
-    def __init__(self, index: int, stage: Stage) -> None:
-        self.index = index
-        self.name = stage.name
-        self.limit = stage.concurrency
-        self.retry = stage.retry
-        self.rate_limit = stage.rate_limit
-        self.bucket: Any = None  # the rate limit's bucket, made when the run starts
-        self.waiting: deque[_Item] = deque()  # FIFO of items that arrived here
-        self.running = 0  # calls handed to the backend and not yet reported
-        self.wake_at = -1.0  # a rate-limit wake-up is pending until then
-        self.gated_at = -1.0  # when the head of the queue started waiting for the limit
-        self.peak = 0
-        self.calls = 0
-        self.errors = 0
-        self.retries = 0
-        self.busy = 0.0  # sum of call durations
-        self.wait = 0.0  # sum over calls of (start - time queued)
-        self.limit_wait = 0.0  # item-seconds spent waiting for the rate limit
-        self.executor_workers: int | None = None
+
+class _HedgeDue:
+    """A timer: ``call`` has run as long as its stage hedges after."""
+
+    __slots__ = ("call",)
+
+    def __init__(self, call: _Call) -> None:
+        self.call = call
 
 
 class Scheduler(Admission):
     """Admission, stage queues and slots, retries, cancellation, visibility."""
 
-    def __init__(self, stages: tuple[Stage, ...], feed: Feed, cancel: CancelToken) -> None:
+    def __init__(self, stages: tuple[Stage, ...], feed: Feed, cancel: CancelToken, *,
+                 virtual: bool = False) -> None:
         self.names = tuple(s.name for s in stages)
-        self._limits = [s.concurrency for s in stages]
+        self._limits = [s.max_concurrency for s in stages]
         self.last = len(stages) - 1
         self.feed = feed
         self.cancel = cancel
@@ -78,7 +68,7 @@ class Scheduler(Admission):
         self.open = 0  # admitted and not yet handed to the caller
         self.error: BaseException | None = None  # raised by the input, a key or a callback
         self.out: list[ItemResult] = []
-        self.stages = [_StageState(i, st) for i, st in enumerate(stages)]
+        self.stages = [StageState(i, st, virtual=virtual) for i, st in enumerate(stages)]
         self.backend: Backend  # set by attach()
         self.policy: Policy  # set by the run, from its strategy
 
@@ -87,8 +77,7 @@ class Scheduler(Admission):
         self.policy = policy
         now = backend.now()
         for st in self.stages:
-            if st.rate_limit is not None:
-                st.bucket = st.rate_limit.bucket(now)
+            st.start_run(now)
 
     # -- state the loop and the policies read --------------------------------------------------
     @property
@@ -163,46 +152,99 @@ class Scheduler(Admission):
         st.waiting.append(item)
         self._pump(st)
 
-    def _pump(self, st: _StageState) -> None:
-        """Start the calls the stage's free slots and rate limit allow now, in FIFO order."""
+    def _pump(self, st: StageState) -> None:
+        """Start the calls the stage's free slots and gates allow now: hedges first (an item's
+        second chance, not new work), then the queue in FIFO order."""
         if self.cancel.cancelled:
             self._drain()
             return
-        waiting = st.waiting
-        while waiting and st.running < st.limit:
-            if st.bucket is not None and not self._gate(st):
-                return
-            item = waiting.popleft()
-            self._start(st, item, False)
+        waiting, due = st.waiting, st.hedge_due
+        while st.running < st.limit and (waiting or due):
+            call = st.head
+            if call is None:
+                call = self._next_call(st)
+                if call is None:
+                    continue
+                st.head = call
+            if st.gated:
+                opened = self._gate(st, call)
+                if opened is None:
+                    continue  # the call's cost estimate failed: its item failed, next
+                if not opened:
+                    return
+            st.head = None
+            if call.hedge:
+                due.popleft()
+            else:
+                waiting.popleft()
+            self._start(st, call)
 
-    def _gate(self, st: _StageState) -> bool:
-        """Whether the stage's rate limit lets a call start now; if not, wake when it does."""
-        now = self.backend.now()
+    def _next_call(self, st: StageState) -> _Call | None:
+        """The call to start next at the stage (hedge requests that went stale are dropped)."""
+        due = st.hedge_due
+        while due:
+            primary = due[0]
+            item = primary.item
+            if primary.done or item.won or item.running != 1 or primary.twin is not None:
+                due.popleft()
+                continue
+            hedge = _Call(item, st.index, st.name, primary.attempt, True, self.backend.now())
+            hedge.twin, primary.twin = primary, hedge
+            return hedge
+        item = st.waiting[0]
+        return _Call(item, st.index, st.name, item.attempt, False, item.queued_at)
+
+    def _gate(self, st: StageState, call: _Call) -> bool | None:
+        """Whether the stage's rate limit and budget let ``call`` start now; if not, wake
+        when they may (one wake-up per stage pending at a time). None: ``cost(value)`` raised,
+        and the call's item failed with that error."""
+        backend = self.backend
+        now = backend.now()
         if st.wake_at > now:
             return False
-        wait = st.bucket.take(now)
+        try:
+            wait = st.gate_wait(call, now, backend.budget_now())
+        except Exception as exc:  # the cost estimate raised: that item fails, the run goes on
+            st.head = None
+            item = call.item
+            (st.hedge_due if call.hedge else st.waiting).popleft()
+            if not call.hedge:
+                item.error = ErrorInfo.from_exception(st.name, exc)
+                self._finish(item, "failed")
+            return None
         if wait <= 0.0:
-            if st.gated_at >= 0.0:
-                st.limit_wait += (now - st.gated_at) * (len(st.waiting))
-                st.gated_at = -1.0
+            st.gate_opened(now)
             return True
         if st.gated_at < 0.0:
             st.gated_at = now
         st.wake_at = now + wait
-        self.backend.call_later(wait, st)
+        backend.call_later(wait, st)
         return False
 
-    def _start(self, st: _StageState, item: _Item, hedge: bool) -> None:
-        call = _Call(item, st.index, st.name, item.attempt, hedge, item.queued_at)
+    def _start(self, st: StageState, call: _Call) -> None:
         st.running += 1
-        item.running += 1
+        st.started += 1
+        call.item.running += 1
         if st.running > st.peak:
             st.peak = st.running
-        self.backend.start(call)
+        backend = self.backend
+        call.started_at = backend.now()
+        hedge = st.hedge
+        if hedge is not None:
+            if call.hedge:
+                hedge.hedges += 1
+                st.hedges += 1
+            else:
+                d = hedge.delay()
+                if d is not None:
+                    backend.call_later(d, _HedgeDue(call))
+        backend.start(call)
 
     def _drain(self) -> None:
         """The run is cancelled: every item still waiting for a slot ends cancelled now."""
         for st in self.stages:
+            st.head = None
+            st.hedge_due.clear()
             while st.waiting:
                 self._finish(st.waiting.popleft(), "cancelled")
         self.drop_unadmitted()
@@ -233,9 +275,12 @@ class Scheduler(Admission):
     def on_timer(self, obj: object) -> None:
         """A timer set with ``backend.call_later`` is due: a retry's backoff (an item) or a
         stage's rate-limit wake-up."""
-        if isinstance(obj, _StageState):
+        if isinstance(obj, StageState):
             obj.wake_at = -1.0
             self._pump(obj)
+            return
+        if isinstance(obj, _HedgeDue):
+            self._hedge_due(obj.call)
             return
         assert isinstance(obj, _Item)
         if self.cancel.cancelled:
@@ -243,13 +288,27 @@ class Scheduler(Admission):
         else:
             self._enqueue(obj)
 
+    def _hedge_due(self, call: _Call) -> None:
+        item = call.item
+        st = self.stages[call.stage]
+        if (call.done or item.won or item.running != 1 or call.twin is not None
+                or self.cancel.cancelled or st.hedge is None
+                or not st.hedge.allowed(st.started)):
+            return
+        st.hedge_due.append(call)
+        self._pump(st)
+
     def on_done(self, call: _Call, start: float, end: float, ok: bool | None,
                 result: Any) -> None:
         """A call ended (``ok=None``: it never started). Never raises: an exception while
-        handling the completion fails the item instead (see ``_handle``)."""
+        handling the completion fails the item instead."""
         st = self.stages[call.stage]
         st.running -= 1
+        call.done = True
         item = call.item
+        if call.lost:  # its twin won (and recorded it): only its slot was still held
+            self._pump(st)
+            return
         item.running -= 1
         try:
             self._handle(st, call, start, end, ok, result)
@@ -259,55 +318,94 @@ class Scheduler(Admission):
                 self._finish(item, "failed")
         self._pump(st)
 
-    def _handle(self, st: _StageState, call: _Call, start: float, end: float,
+    def _handle(self, st: StageState, call: _Call, start: float, end: float,
                 ok: bool | None, result: Any) -> None:
         item = call.item
+        twin = call.twin
+        alive = twin is not None and not twin.done and not twin.lost
         if ok is None:
-            self._finish(item, "cancelled")
+            if not alive:
+                self._finish(item, "cancelled")
             return
         st.calls += 1
         st.busy += end - start
         st.wait += max(0.0, start - call.queued_at)
+        overloaded = not ok and st.is_overload(result)
+        if overloaded:
+            st.overloaded += 1
+        cost = st.settle(call, bool(ok), result, overloaded, self.backend.budget_now())
+        st.adapt(end, start, overloaded)
         if ok:
-            item.calls.append(Attempt(start, end))
-            item.value = result
-            self._close_span(item)
-            if item.stage == self.last:
-                item.status = "ok"
-                self.policy.item_done(item)
-            elif self.cancel.cancelled:
-                item.status = "cancelled"
-                self.policy.item_done(item)
-            else:
-                self.policy.stage_done(item)
+            self._won(st, call, start, end, result, cost)
             return
         err = ErrorInfo.from_exception(st.name, result)
-        item.calls.append(Attempt(start, end, err))
+        item.calls.append(Attempt(start, end, err, call.hedge, False, cost))
         st.errors += 1
+        if alive:
+            return  # its twin is still running: it decides
         if not self.cancel.cancelled and self._should_retry(st, result, item.attempt):
             self._retry(st, item, result)
             return
         item.error = err
         self._finish(item, "cancelled" if self.cancel.cancelled else "failed")
 
-    def _should_retry(self, st: _StageState, error: BaseException, attempt: int) -> bool:
+    def _won(self, st: StageState, call: _Call, start: float, end: float, result: Any,
+             cost: dict[str, float] | None) -> None:
+        item = call.item
+        winner = Attempt(start, end, None, call.hedge, False, cost)
+        twin = call.twin
+        if twin is not None and not twin.done:  # the loser: discarded when it returns
+            twin.lost = True
+            item.running -= 1
+            item.calls.append(Attempt(twin.started_at, end, None, twin.hedge, True, None))
+        if call.hedge and st.hedge is not None:
+            st.hedge.won += 1
+            st.hedges_won += 1
+        elif st.hedge is not None and item.attempt == 1:
+            st.hedge.observe(end - start)
+        item.calls.append(winner)
+        item.value = result
+        self._close_span(item, winner)
+        if item.stage == self.last:
+            item.status = "ok"
+            self.policy.item_done(item)
+        elif self.cancel.cancelled:
+            item.status = "cancelled"
+            self.policy.item_done(item)
+        else:
+            self.policy.stage_done(item)
+
+    def _should_retry(self, st: StageState, error: BaseException, attempt: int) -> bool:
         if isinstance(error, WorkerLost) and _LOST_RETRY.should_retry(error, attempt):
             return True
         return st.retry is not None and st.retry.should_retry(error, attempt)
 
-    def _retry(self, st: _StageState, item: _Item, error: BaseException) -> None:
+    def _retry(self, st: StageState, item: _Item, error: BaseException) -> None:
         policy = st.retry if st.retry is not None else _LOST_RETRY
         delay = policy.delay(error, item.attempt, unit_random(item.index, st.index, item.attempt))
         item.attempt += 1
         st.retries += 1
         self.backend.call_later(delay, item)  # then back to the end of the stage's queue
 
-    def _close_span(self, item: _Item) -> None:
+    def _close_span(self, item: _Item, winner: Attempt | None = None) -> None:
+        """The item leaves its stage: its calls become the stage's span, in order of start
+        with the winning call last (a stage's end is its last call not lost)."""
         calls = item.calls
-        if calls:
-            item.spans.append(StageSpan(self.names[item.stage], calls[0].start,
-                                        calls[-1].end, tuple(calls)))
-            item.calls = []
+        if not calls:
+            return
+        if len(calls) > 1:
+            calls.sort(key=lambda a: a.start)
+            if winner is not None and calls[-1] is not winner:
+                calls.remove(winner)
+                calls.append(winner)
+        end = calls[-1].end
+        if winner is None:
+            kept = [a for a in calls if not a.lost]
+            end = kept[-1].end if kept else end
+        item.spans.append(StageSpan(self.names[item.stage], min(a.start for a in calls), end,
+                                    tuple(calls)))
+        item.calls = []
+        item.won = False
 
     def _finish(self, item: _Item, status: str) -> None:
         self._close_span(item)
@@ -318,9 +416,13 @@ class Scheduler(Admission):
 
     def stats(self, wall: float) -> tuple[StageStats, ...]:
         return tuple(
-            StageStats(st.name, st.limit, st.calls, st.errors, st.retries, st.busy, st.wait,
-                       min(st.peak, st.limit, st.executor_workers or st.limit), wall,
-                       limit_wait_s=st.limit_wait, executor_workers=st.executor_workers)
+            StageStats(st.name, st.max, st.calls, st.errors, st.retries, st.busy, st.wait,
+                       min(st.peak, st.max, st.executor_workers or st.max), wall,
+                       limit_wait_s=st.limit_wait, budget_wait_s=st.budget_wait,
+                       overloaded=st.overloaded, hedges=st.hedges, hedges_won=st.hedges_won,
+                       resumed=st.resumed, executor_workers=st.executor_workers,
+                       limit_timeline=st.timeline,
+                       budget=None if st.budget is None else st.budget.name)
             for st in self.stages
         )
 

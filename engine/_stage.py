@@ -4,13 +4,17 @@ from __future__ import annotations
 import concurrent.futures
 import inspect
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from ._adaptive import Adaptive
+from ._budget import Budget
+from ._hedge import Hedge
+from ._ledger import Codec, JsonCodec
 from ._ratelimit import RateLimit
 from ._retry import RetryPolicy
-from ._validate import check_int, check_type
+from ._validate import check_bool, check_int, check_type
 
 __all__ = ["Stage"]
 
@@ -33,15 +37,38 @@ class Stage:
     ``init``, for thread stages, builds a per-worker resource once (a ``requests.Session``, a
     client); ``fn`` is then called as ``fn(value, resource)`` and ``resource.close()`` (if it
     has one) is called when the run ends.
+
+    Flow control (DESIGN §9): ``concurrency=Adaptive(initial, max=...)`` lets the limit move
+    (AIMD on overload signals); ``budget`` (a shared :class:`~engine.Budget`) is reserved
+    before each call -- ``cost(value)`` is the estimate (``requests`` is always 1) -- and
+    settled with the actual cost (``current_call().charge(...)`` or the result's
+    ``usage.total_tokens``); an error carrying ``retry_after`` pauses the whole budget.
+
+    ``idempotent=True`` declares the stage safe to call twice for one item; only then may it
+    ``hedge`` (DESIGN §10). ``checkpoint=True`` records the stage's output in the run's ledger
+    (``codec``, default JSON) once the call succeeds, so a later run restores it instead of
+    calling again (DESIGN §11).
     """
 
     name: str
     fn: Callable[..., Any]
-    concurrency: int = 1
+    concurrency: int | Adaptive = 1
     retry: RetryPolicy | None = None
     rate_limit: RateLimit | None = None
     executor: ExecutorSpec = None
     init: Callable[[], Any] | None = None
+    budget: Budget | None = None
+    cost: Callable[[Any], Mapping[str, float]] | None = None
+    idempotent: bool = False
+    hedge: Hedge | None = None
+    checkpoint: bool = False
+    codec: Codec | None = None
+
+    @property
+    def max_concurrency(self) -> int:
+        """The most calls the stage may ever run at once (an adaptive stage's ``max``)."""
+        c = self.concurrency
+        return c.max if isinstance(c, Adaptive) else c
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -52,7 +79,30 @@ class Stage:
         if _is_async(self.fn):
             raise TypeError(f"{where}: fn: {self.fn!r} is an async function; stage functions "
                             "must be plain functions (fn(value) -> value)")
-        check_int(f"{where}: concurrency", self.concurrency)
+        if not isinstance(self.concurrency, Adaptive):
+            check_int(f"{where}: concurrency", self.concurrency)
+        check_type(f"{where}: budget", self.budget, Budget, "a Budget", optional=True)
+        if self.cost is not None:
+            if not callable(self.cost):
+                raise TypeError(f"{where}: cost: expected a callable or None, got {self.cost!r}")
+            if self.budget is None:
+                raise ValueError(f"{where}: cost: a cost estimate needs a budget to reserve it "
+                                 "from (budget=Budget(...))")
+        check_bool(f"{where}: idempotent", self.idempotent)
+        check_type(f"{where}: hedge", self.hedge, Hedge, "a Hedge", optional=True)
+        if self.hedge is not None and not self.idempotent:
+            raise ValueError(f"{where}: hedge: only an idempotent stage may be hedged (a hedge "
+                             "calls it twice for one item); declare idempotent=True if that "
+                             "is safe")
+        check_bool(f"{where}: checkpoint", self.checkpoint)
+        if self.codec is not None:
+            if not (callable(getattr(self.codec, "encode", None))
+                    and callable(getattr(self.codec, "decode", None))):
+                raise TypeError(f"{where}: codec: expected an object with encode(value) -> str "
+                                f"and decode(text), got {self.codec!r}")
+            if not self.checkpoint:
+                raise ValueError(f"{where}: codec: only a checkpointed stage (checkpoint=True) "
+                                 "uses a codec")
         check_type(f"{where}: retry", self.retry, RetryPolicy, "a RetryPolicy", optional=True)
         check_type(f"{where}: rate_limit", self.rate_limit, RateLimit, "a RateLimit",
                    optional=True)
@@ -92,3 +142,6 @@ def _check_picklable(where: str, fn: Callable[..., Any]) -> None:
         raise ValueError(
             f"{where}: fn: executor='process' needs a function that pickles (defined at module "
             f"level), got {fn!r} ({type(exc).__name__}: {exc})") from None
+
+
+DEFAULT_CODEC = JsonCodec()

@@ -114,10 +114,13 @@ class VirtualBackend(Backend):
                 on_timer(obj)
             elif sim is None:
                 on_done(obj, end, end, None, None)
-            elif sim[2] is None:
-                on_done(obj, start, end, True, sim[1])
             else:
-                on_done(obj, start, end, False, sim[2])
+                if len(sim) > 3 and sim[3] is not None:
+                    obj.charged = dict(sim[3])  # what the simulated call actually cost
+                if sim[2] is None:
+                    on_done(obj, start, end, True, sim[1])
+                else:
+                    on_done(obj, start, end, False, sim[2])
             if errors:
                 sched.fail_run(errors.pop(0))
             after()

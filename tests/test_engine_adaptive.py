@@ -106,8 +106,22 @@ def test_controller_starts_at_initial() -> None:
     assert c.timeline == [(3.0, 4)]
 
 
+def test_slow_start_until_the_first_overload() -> None:
+    c = Adaptive(4, max=50).controller(0.0)
+    t = 0.0
+    for _ in range(10):  # +1 per saturated completion: doubling per round trip
+        t += 0.1
+        assert c.on_end(t, t - 1.0, overloaded=False, saturated=True)
+    assert c.limit == 14
+    assert c.on_end(t + 0.1, t, overloaded=True, saturated=True)  # cut, and slow start ends
+    assert c.limit == 10
+
+
 def test_additive_increase_one_per_window_while_saturated() -> None:
     c = Adaptive(4, max=6).controller(0.0)
+    c.on_end(0.0, -1.0, overloaded=True, saturated=True)  # out of slow start: 4 -> 3
+    c = Adaptive(4, max=6).controller(0.0)
+    c._slow_start = False  # the congestion-avoidance phase, from the start
     t = 0.0
     changes = []
     for _ in range(100):

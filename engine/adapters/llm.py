@@ -176,14 +176,14 @@ class LLMAnalyze:
                 response_format=self._response_format,
                 **kwargs,
             )
-        except openai.APIStatusError as exc:
-            raise self._status_error(exc) from exc
+        except openai.APIStatusError as exc:  # not chained: the server's text may echo the key
+            raise self._status_error(exc) from None
         except openai.APITimeoutError as exc:
             raise TransientError("chat completion timed out") from exc
         except openai.APIConnectionError as exc:
             raise TransientError(f"chat completion: connection failed ({exc.message})") from exc
         except openai.APIError as exc:  # e.g. a response that does not fit the SDK's models
-            raise PermanentError(f"chat completion: {self._scrub(str(exc))}") from exc
+            raise PermanentError(f"chat completion: {self._scrub(str(exc))}") from None
         except json.JSONDecodeError as exc:  # a JSON content type with a body that is not JSON
             raise MalformedOutputError(
                 f"chat completion body is not JSON ({exc.msg}); raw body: "
