@@ -31,6 +31,8 @@ from bench._scenario import (
     builtin_path,
     load_scenario,
     resolve_scenario,
+    scenario_variants,
+    variant_scenario,
 )
 
 __all__ = ["main"]
@@ -73,6 +75,13 @@ def _strategies(text: str) -> list[str]:
     return names
 
 
+def _names(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of names, got {text!r}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -109,12 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a scenario's strategies; write results, CSV, report "
                                      "and plots to --out")
     common(run)
+    run.add_argument("--variants", type=_names, metavar="A,B,...",
+                     help="which of the scenario's [variants] (default: all of them; a scenario "
+                          "without variants runs as written)")
     run.add_argument("--repeats", type=_positive_int, default=1, metavar="N",
                      help="live: N runs with the same seed; virtual: seeds seed..seed+N-1")
     run.add_argument("--no-plots", action="store_true", help="skip the plots")
 
     sweep = sub.add_parser("sweep", help="one parameter over a range -> sweep.csv, sweep.png")
     common(sweep, out=False)
+    sweep.add_argument("--variant", metavar="NAME",
+                       help="sweep one of the scenario's [variants] (default: the scenario as "
+                            "written)")
     sweep.add_argument("--param", required=True, metavar="PATH=START:STOP:STEP",
                        help="e.g. stages.analyze.concurrency=10:200:10, "
                             "stages.fetch.slow_share=0:0.1:0.01, strategies.batched.size="
@@ -218,12 +233,18 @@ def cmd_default(args: argparse.Namespace) -> int:
     for sc in scenarios:  # a fresh suite: nothing stale mixed into the report
         d = out / sc.name
         if d.is_dir():
-            for f in d.glob("*.json"):
-                f.unlink()
+            for f in [*d.glob("*.json"), *(d / v for v in sc.variants)]:
+                if f.is_dir():
+                    for g in f.glob("*.json"):
+                        g.unlink()
+                elif f.exists():
+                    f.unlink()
     _prepare_out(out)
     jobs = []
-    for sc in scenarios:
-        jobs += plan(sc, strategies=None, clock="virtual", repeats=1, time_scale=None, out=out)
+    for sc in scenarios:  # every variant of every scenario x strategy, virtual
+        for vsc in scenario_variants(sc):
+            jobs += plan(vsc, strategies=None, clock="virtual", repeats=1, time_scale=None,
+                         out=out)
     live = [sc for sc in scenarios if sc.name == DEFAULT_LIVE_SCENARIO]
     if args.live_repeats > 0:
         for sc in live:
@@ -244,8 +265,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     sc = resolve_scenario(args.scenario)
     names = _check_strategies(sc, args.strategies)
-    jobs = plan(sc, strategies=names, clock=args.clock, repeats=args.repeats,
-                time_scale=args.time_scale, out=args.out)
+    jobs = []
+    for vsc in scenario_variants(sc, args.variants):
+        jobs += plan(vsc, strategies=names, clock=args.clock, repeats=args.repeats,
+                     time_scale=args.time_scale, out=args.out)
     _prepare_out(args.out)
     outcomes = execute(jobs, Progress(len(jobs)))
     rc = _finish(args.out, plots=not args.no_plots, wall_s=time.perf_counter() - t0,
@@ -271,20 +294,32 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise _UsageError(str(exc)) from None
     sc = resolve_scenario(args.scenario)
+    if args.variant:
+        sc = variant_scenario(sc, args.variant)
     names = _check_strategies(sc, args.strategies)
-    out = args.out or DEFAULT_OUT / "sweeps" / f"{sc.name}--{param.slug}"
+    var = f"--{sc.variant}" if sc.variant else ""
+    out = args.out or DEFAULT_OUT / "sweeps" / f"{sc.name}{var}--{param.slug}"
     _prepare_out(out)
     rows, outcomes = run_sweep(sc, param, strategies=names, clock=args.clock,
                                time_scale=args.time_scale, out=out, keep_runs=args.keep_runs,
                                progress=Progress(len(param.values) * len(names)))
-    print(f"\n{'value':>10}  " + "  ".join(f"{n:>26}" for n in names))
-    print(f"{'':>10}  " + "  ".join(f"{'makespan s / p99 vis. s':>26}" for _ in names))
+    budgeted = bool(sc.accounts())  # then: efficiency vs the budget-inclusive bound, 429s
+    what = "makespan s / eff. / 429s / failed" if budgeted else "makespan s / p99 vis. s"
+    width = max(26, len(what))
+    print(f"\n{'value':>10}  " + "  ".join(f"{n:>{width}}" for n in names))
+    print(f"{'':>10}  " + "  ".join(f"{what:>{width}}" for _ in names))
     for v in param.values:
         cells = []
         for n in names:
             r = next((r for r in rows if r["value"] == v and r["strategy"] == n), None)
-            cells.append(f"{r['makespan_s']:>12.1f} / {r['visible_p99_s']:>11.1f}" if r
-                         else f"{'FAILED':>26}")
+            if r is None:
+                cells.append(f"{'FAILED':>{width}}")
+            elif budgeted:
+                cells.append(f"{r['makespan_s']:.1f} / {r['efficiency']:.3f} / "
+                             f"{100 * r['overload_share']:.1f}% / {r['failed']}".rjust(width))
+            else:
+                cells.append(f"{r['makespan_s']:>12.1f} / {r['visible_p99_s']:>11.1f}"
+                             .rjust(width))
         print(f"{v!s:>10}  " + "  ".join(cells))
     print(f"\nwrote {out / 'sweep.csv'} and {out / 'sweep.png'}")
     bad = [r for r in rows if r["valid"] != "yes"]
@@ -305,8 +340,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     def groups(runs: list[Any]) -> dict[tuple[str, str, str], list[Any]]:
         out: dict[tuple[str, str, str], list[Any]] = {}
-        for r in runs:
-            out.setdefault((r.scenario, r.clock, r.strategy), []).append(r)
+        for r in runs:  # a variant compares as a strategy does: "continuous [adaptive]"
+            strategy = f"{r.strategy} [{r.variant}]" if r.variant else r.strategy
+            out.setdefault((r.scenario, r.clock, strategy), []).append(r)
         return out
 
     ga, gb = groups(a), groups(b)
@@ -318,9 +354,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print("compare: no (scenario, clock, strategy) in common", file=sys.stderr)
         return 1
     keys = (("makespan_s", "makespan"), ("throughput_per_s", "items/s"),
-            ("visible_p50_s", "p50 vis."), ("visible_p99_s", "p99 vis."))
+            ("visible_p50_s", "p50 vis."), ("visible_p99_s", "p99 vis."),
+            ("efficiency", "efficiency"))
     print(f"B / A, mean ratio [min-max over repeat pairs]; A = {args.a}, B = {args.b}")
-    header = f"{'scenario':<18}{'clock':<9}{'strategy':<18}{'runs':>7}" + "".join(
+    header = f"{'scenario':<18}{'clock':<9}{'strategy':<30}{'runs':>7}" + "".join(
         f"{lbl:>24}" for _, lbl in keys)
     print(header)
     print("-" * len(header))
@@ -336,7 +373,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
             mean = statistics.fmean(xb) / statistics.fmean(xa)
             lo, hi = min(xb) / max(xa), max(xb) / min(xa)
             cells.append(f"{mean:>10.3f} [{lo:.3f}-{hi:.3f}]".rjust(24))
-        print(f"{k[0]:<18}{k[1]:<9}{k[2]:<18}{f'{len(ra)}/{len(rb)}':>7}" + "".join(cells))
+        print(f"{k[0]:<18}{k[1]:<9}{k[2]:<30}{f'{len(ra)}/{len(rb)}':>7}" + "".join(cells))
     return 0
 
 

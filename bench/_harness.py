@@ -43,7 +43,8 @@ class Job:
         clock = "virtual" if self.clock == "virtual" else \
             f"live x{self.time_scale or self.scenario.time_scale:g}"
         rep = f" r{self.repeat}" if self.repeat is not None else ""
-        return f"{self.scenario.name} {clock} {self.strategy}{rep}"
+        var = f" [{self.scenario.variant}]" if self.scenario.variant else ""
+        return f"{self.scenario.name}{var} {clock} {self.strategy}{rep}"
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ class Outcome:
 def plan(sc: Scenario, *, strategies: Sequence[str] | None, clock: Clock, repeats: int,
          time_scale: float | None, out: Path, extra: Mapping[str, Any] | None = None
          ) -> list[Job]:
-    """The jobs of ``run``: ``<out>/<scenario>/<strategy>.json``, or ``-rN`` per repeat.
+    """The jobs of ``run``: ``<out>/<scenario>/<strategy>.json``, or ``-rN`` per repeat; a
+    variant's under ``<out>/<scenario>/<variant>/``.
 
     Live runs are always numbered (``-r1`` ...), so they never overwrite the virtual run of the
     same strategy. Live repeats use the same seed (the spread is the live engine's noise);
@@ -73,7 +75,7 @@ def plan(sc: Scenario, *, strategies: Sequence[str] | None, clock: Clock, repeat
         if clock == "virtual" and r > 1:
             rsc = parse_scenario(dict(sc.raw, seed=sc.seed + r - 1), source=sc.source)
         for name in names:
-            path = result_path(out, sc.name, name, r if numbered else None)
+            path = result_path(out, sc.name, name, r if numbered else None, sc.variant)
             jobs.append(Job(rsc, name, clock, path, time_scale, r if numbered else None,
                             dict(extra or {})))
     return jobs

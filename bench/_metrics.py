@@ -17,6 +17,7 @@ import numpy as np
 
 __all__ = [
     "SUMMARY_KEYS",
+    "budget_bound",
     "close",
     "max_overlap",
     "summarize",
@@ -46,11 +47,58 @@ def visible_ok(items: Iterable[Mapping[str, Any]]) -> np.ndarray:
                             dtype=float))
 
 
-def summarize(items: Sequence[Mapping[str, Any]],
-              stages: Sequence[Mapping[str, Any]]) -> dict[str, float | int]:
-    """The summary of DESIGN.md section 6, from the item records and the stage limits.
+def _calls(st: Mapping[str, Any]) -> list[tuple[float, float, Mapping[str, Any]]]:
+    """A stage's calls as (start, end, extras): a call is [start, end] or [start, end, extras]
+    (DESIGN.md section 6.1: hedge, lost, cost)."""
+    return [(float(c[0]), float(c[1]), c[2] if len(c) > 2 else {}) for c in st["calls"]]
 
-    Values that are undefined (no item visible, no ok item) are 0.
+
+def budget_bound(items: Sequence[Mapping[str, Any]],
+                 budgets: Sequence[Mapping[str, Any]]) -> float:
+    """DESIGN.md section 6.1's ``budget_bound_s``: the largest, over budgets and dimensions, of
+    (cost of the calls that succeeded - burst) / (per_minute / 60).
+
+    The calls that succeeded are the last call not ``lost`` of each stage an item completed
+    (the stage its failed item failed at and stages restored from a ledger are not counted):
+    the work any schedule must pay for. A call without a ``cost`` counts 1 request.
+    """
+    if not budgets:
+        return 0.0
+    on = [(set(b.get("stages") or ()), b) for b in budgets]
+    used = np.zeros((len(budgets), max(len(b["per_minute"]) for b in budgets)))
+    dims = [list(b["per_minute"]) for b in budgets]
+    for it in items:
+        err = it.get("error") or {}
+        failed_at = err.get("stage") if it["status"] == "failed" else None
+        for st in it["stages"]:
+            if st.get("resumed") or st["name"] == failed_at:
+                continue
+            kept = [c for c in _calls(st) if not c[2].get("lost")]
+            if not kept:
+                continue
+            cost = kept[-1][2].get("cost") or {}
+            for k, (names, _) in enumerate(on):
+                if st["name"] in names:
+                    for d, dim in enumerate(dims[k]):
+                        used[k, d] += float(cost.get(dim, 1.0 if dim == "requests" else 0.0))
+    bound = 0.0
+    for k, b in enumerate(budgets):
+        burst = b.get("burst") or {}
+        for d, dim in enumerate(dims[k]):
+            rate = float(b["per_minute"][dim]) / 60.0
+            if rate > 0:
+                bound = max(bound, max(0.0, used[k, d] - float(burst.get(dim, 0.0))) / rate)
+    return bound
+
+
+def summarize(items: Sequence[Mapping[str, Any]], stages: Sequence[Mapping[str, Any]],
+              budgets: Sequence[Mapping[str, Any]] | None = None) -> dict[str, float | int]:
+    """The summary of DESIGN.md section 6, from the item records and the stage limits; with
+    ``budgets`` (``metadata.budgets``, section 6.1) also ``budget_bound_s``, which then counts
+    in ``lower_bound_s``.
+
+    Values that are undefined (no item visible, no ok item) are 0. Lost calls (a hedge's
+    discarded twin) count for concurrency, not for the bound.
     """
     limits = {s["name"]: int(s["concurrency"]) for s in stages}
     counts = dict.fromkeys(STATUSES, 0)
@@ -61,7 +109,7 @@ def summarize(items: Sequence[Mapping[str, Any]],
         counts[it["status"]] += 1
         chain = 0.0
         for st in it["stages"]:
-            b = sum(e - s for s, e in st["calls"])
+            b = sum(e - s for s, e, x in _calls(st) if not x.get("lost"))
             busy[st["name"]] += b
             chain += b
         chain_max = max(chain_max, chain)
@@ -69,6 +117,9 @@ def summarize(items: Sequence[Mapping[str, Any]],
             visible_any.append(float(it["visible_at"]))
     makespan = max(visible_any, default=0.0)
     lower_bound = max([busy[n] / limits[n] for n in busy] + [chain_max])
+    bb = budget_bound(items, budgets) if budgets else None
+    if bb is not None:
+        lower_bound = max(lower_bound, bb)
     out: dict[str, float | int] = {
         "makespan_s": makespan,
         "throughput_per_s": counts["ok"] / makespan if makespan > 0 else 0.0,
@@ -85,6 +136,8 @@ def summarize(items: Sequence[Mapping[str, Any]],
         out.update(first_visible_s=0.0, visible_p50_s=0.0, visible_p90_s=0.0,
                    visible_p99_s=0.0, visible_max_s=0.0)
     out.update(counts)
+    if bb is not None:
+        out["budget_bound_s"] = bb
     return out
 
 
@@ -136,7 +189,8 @@ def _validate(doc: Doc) -> list[str]:
     if errs:
         return errs
 
-    want = summarize(items, meta["stages"])
+    budgets = meta.get("budgets") or None
+    want = summarize(items, meta["stages"], budgets)
     # with no ok item (or nothing visible) these are undefined: 0 or null are both accepted
     undefined = set()
     if not want["ok"]:
@@ -144,8 +198,12 @@ def _validate(doc: Doc) -> list[str]:
                       "visible_max_s"}
     if not want["makespan_s"]:
         undefined |= {"makespan_s", "throughput_per_s", "efficiency"}
-    for k in SUMMARY_KEYS:
-        got = summary[k]
+    keys = list(SUMMARY_KEYS)
+    if budgets or "budget_bound_s" in summary:
+        want.setdefault("budget_bound_s", 0.0)
+        keys.append("budget_bound_s")
+    for k in keys:
+        got = summary.get(k)
         if got is None and k in undefined:
             continue
         if not isinstance(got, int | float) or not close(float(got), float(want[k])):
@@ -154,7 +212,7 @@ def _validate(doc: Doc) -> list[str]:
     by_stage: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for it in items:
         for st in it["stages"]:
-            by_stage[st["name"]].extend((c[0], c[1]) for c in st["calls"])
+            by_stage[st["name"]].extend((c[0], c[1]) for c in st["calls"])  # lost ones too
     for name, calls in by_stage.items():
         peak = max_overlap(calls)
         if peak > limits[name]:
@@ -187,16 +245,32 @@ def _check_items(items: Sequence[Mapping[str, Any]], names: list[str]) -> list[s
             errs.append(f"{where}: failed without an error")
         prev = -math.inf
         for st in it["stages"]:
-            calls = st["calls"]
-            if not calls or st["attempts"] != len(calls):
-                errs.append(f"{where}/{st['name']}: attempts {st['attempts']}, {len(calls)} calls")
+            calls = _calls(st)
+            if st.get("resumed"):  # restored from a ledger: no call in this run
+                if calls or st["attempts"] != 0:
+                    errs.append(f"{where}/{st['name']}: resumed but lists calls")
+                prev = max(prev, float(st["end"]))
+                continue
+            primary = [c for c in calls if not c[2].get("hedge")]
+            if not calls or st["attempts"] != len(primary):
+                errs.append(f"{where}/{st['name']}: attempts {st['attempts']}, {len(primary)} "
+                            "calls (not counting hedges)")
                 break
-            if not close(st["start"], calls[0][0]) or not close(st["end"], calls[-1][1]):
+            kept = [c for c in calls if not c[2].get("lost")] or calls
+            if not close(st["start"], min(c[0] for c in calls)) \
+                    or not close(st["end"], kept[-1][1]):
                 errs.append(f"{where}/{st['name']}: start/end are not its first/last call's")
-            for s, e in calls:
+            last = -math.inf
+            for s, e, x in calls:
                 if e < s - EPS or s < prev - EPS:
-                    errs.append(f"{where}/{st['name']}: call [{s}, {e}] overlaps the one before")
-                prev = e
+                    errs.append(f"{where}/{st['name']}: call [{s}, {e}] starts before the "
+                                "previous stage ended")
+                if not x.get("hedge"):
+                    if s < last - EPS:
+                        errs.append(f"{where}/{st['name']}: call [{s}, {e}] overlaps the one "
+                                    "before")
+                    last = e
+            prev = kept[-1][1]
         v = it["visible_at"]
         if (v is None) != (status == "cancelled"):
             errs.append(f"{where}: {status} with visible_at {v}")

@@ -2,7 +2,10 @@
 
 Per scenario, under ``<root>/<scenario>/``: ``visible.png`` (items visible over time),
 ``ecdf.png`` (time-to-visible), ``bars.png`` (throughput and p99 with spread over repeats),
-``gantt.png`` (stage timeline of the first items, one panel per strategy). Across scenarios:
+``gantt.png`` (stage timeline of the first items, one panel per strategy). A scenario with
+variants (DESIGN.md section 9) compares them as strategies, and adds ``flow.png`` (efficiency
+against the budget-inclusive bound and the share of calls answered 429, per variant and
+strategy) and ``limits.png`` (each adaptive stage's limit over time). Across scenarios:
 ``<root>/speedup.png``. Sweeps: ``sweep.png`` next to the sweep's CSV.
 """
 from __future__ import annotations
@@ -45,12 +48,33 @@ def _save_visible(fig: Any, ax: Any, title: str, path: Path) -> Path:
     fig.tight_layout()
     return _save(fig, path)
 
+VARIANT_COLORS = {"fixed-50": "tab:red", "best-fixed": "tab:orange", "pause-all": "tab:purple",
+                  "adaptive": "tab:green"}
+OTHER_COLORS = ["tab:blue", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+STRATEGY_STYLES = {"continuous": "-", "parallel-batches": "--", "batched": ":"}
+
+
 def _color(strategy: str) -> str:
     return STRATEGY_COLORS.get(strategy, "tab:gray")
 
 
+def _gcolor(g: Group) -> str:
+    """A variant's colour when the group is a variant, else its strategy's."""
+    if not g.variant:
+        return _color(g.strategy)
+    if g.variant in VARIANT_COLORS:
+        return VARIANT_COLORS[g.variant]
+    return OTHER_COLORS[sum(map(ord, g.variant)) % len(OTHER_COLORS)]
+
+
+def _gstyle(g: Group) -> str:
+    if g.variant:
+        return STRATEGY_STYLES.get(g.strategy, "-")
+    return "-" if g.clock == "virtual" else "--"
+
+
 def _label(g: Group, *, with_clock: bool) -> str:
-    s = g.strategy
+    s = g.label
     if g.params:
         s += f" ({g.params})"
     if with_clock:
@@ -77,7 +101,7 @@ def plot_visible(groups: Sequence[Group], path: Path) -> Path:
         xs = g.runs[0].visible
         n = np.arange(1, xs.size + 1)
         ax.step(np.concatenate([[0.0], xs]), np.concatenate([[0], n]), where="post",
-                color=_color(g.strategy), linestyle="-" if g.clock == "virtual" else "--",
+                color=_gcolor(g), linestyle=_gstyle(g),
                 linewidth=1.6, label=_label(g, with_clock=both))
     return _save_visible(fig, ax, _title(groups, "items visible over time"), path)
 
@@ -90,10 +114,10 @@ def plot_ecdf(groups: Sequence[Group], path: Path) -> Path:
         if not xs.size:
             continue
         ax.step(xs, np.arange(1, xs.size + 1) / xs.size, where="post",
-                color=_color(g.strategy), linestyle="-" if g.clock == "virtual" else "--",
+                color=_gcolor(g), linestyle=_gstyle(g),
                 linewidth=1.6, label=_label(g, with_clock=both))
         p99 = float(np.percentile(xs, 99))
-        ax.plot([p99], [0.99], marker="o", color=_color(g.strategy), markersize=4)
+        ax.plot([p99], [0.99], marker="o", color=_gcolor(g), markersize=4)
     ax.axhline(0.99, color="black", linewidth=0.6, alpha=0.5)
     ax.text(0.002, 0.985, " p99", va="top", fontsize=8, transform=ax.get_yaxis_transform())
     ax.set_xlabel("time to visible (scenario seconds)")
@@ -108,15 +132,16 @@ def plot_ecdf(groups: Sequence[Group], path: Path) -> Path:
 
 
 def plot_bars(groups: Sequence[Group], path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
-    labels = [g.strategy.replace("-", "-\n") + ("\nvirtual" if g.clock == "virtual"
-                                                else f"\nlive x{g.time_scale:g}") for g in groups]
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 0.9 * len(groups) + 4), 4.6))
+    labels = [g.strategy.replace("-", "-\n") + (f"\n[{g.variant}]" if g.variant else "")
+              + ("\nvirtual" if g.clock == "virtual" else f"\nlive x{g.time_scale:g}")
+              for g in groups]
     x = np.arange(len(groups))
     for ax, key, what in ((axes[0], "throughput_per_s", "throughput (ok items / s)"),
                           (axes[1], "visible_p99_s", "p99 time-to-visible (s)")):
         means = [g.mean(key) for g in groups]
         sds = [g.sd(key) for g in groups]
-        colors = [to_rgba(_color(g.strategy), 0.9 if g.clock == "virtual" else 0.5)
+        colors = [to_rgba(_gcolor(g), 0.9 if g.clock == "virtual" else 0.5)
                   for g in groups]
         ax.bar(x, means, yerr=sds, capsize=4, color=colors, edgecolor="black", linewidth=0.5,
                hatch=None)
@@ -177,18 +202,22 @@ def plot_gantt(groups: Sequence[Group], path: Path) -> Path:
 
 
 def plot_speedup(groups: Sequence[Group], path: Path) -> Path | None:
-    scen = sorted({g.scenario for g in groups if g.clock == "virtual"}, key=scenario_key)
+    scen: list[tuple[str, str]] = []
+    for g in groups:  # a scenario's variants are entries of their own
+        if g.clock == "virtual" and (g.scenario, g.variant) not in scen:
+            scen.append((g.scenario, g.variant))
     table: dict[str, dict[str, float]] = {}
-    for s in scen:
+    for s, v in scen:
         by = {g.strategy: g.mean("makespan_s") for g in groups
-              if g.scenario == s and g.clock == "virtual"}
+              if g.scenario == s and g.variant == v and g.clock == "virtual"}
         if "batched" in by:
-            table[s] = {k: by["batched"] / v for k, v in by.items() if v > 0}
+            table[f"{s}\n[{v}]" if v else s] = {k: by["batched"] / x for k, x in by.items()
+                                                 if x > 0}
     if not table:
         return None
     strategies = [s for s in ("continuous", "parallel-batches", "batched")
                   if any(s in row for row in table.values())]
-    fig, ax = plt.subplots(figsize=(9, 4.6))
+    fig, ax = plt.subplots(figsize=(max(9, 1.0 * len(table) + 3), 4.6))
     x = np.arange(len(table))
     w = 0.8 / len(strategies)
     for k, st in enumerate(strategies):
@@ -196,11 +225,67 @@ def plot_speedup(groups: Sequence[Group], path: Path) -> Path | None:
         bars = ax.bar(x + (k - (len(strategies) - 1) / 2) * w, vals, w, color=_color(st),
                       label=st, edgecolor="black", linewidth=0.5)
         ax.bar_label(bars, fmt="%.2fx", fontsize=7)
-    ax.set_xticks(x, list(table), fontsize=9)
+    ax.set_xticks(x, list(table), fontsize=8 if len(table) > 6 else 9)
     ax.set_ylabel("speedup vs batched (batched makespan / makespan)")
     ax.set_title("Makespan speedup over batched(50), per scenario (virtual clock, full scale)")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_flow(groups: Sequence[Group], path: Path) -> Path:
+    """Per variant and strategy: efficiency against the budget-inclusive lower bound, and the
+    share of calls answered 429 (with the count on each bar)."""
+    gs = [g for g in groups if g.runs[0].metadata.get("budgets")]
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 0.9 * len(gs) + 4), 4.6))
+    labels = [(g.variant or "as written") + "\n" + g.strategy.replace("-", "-\n")
+              + ("" if g.clock == "virtual" else f"\nlive x{g.time_scale:g}") for g in gs]
+    x = np.arange(len(gs))
+    colors = [to_rgba(_gcolor(g), 0.9 if g.clock == "virtual" else 0.5) for g in gs]
+    eff = [g.mean("efficiency") for g in gs]
+    share = [100 * float(np.mean([r.overload_share for r in g.runs])) for g in gs]
+    count = [float(np.mean([r.overloaded for r in g.runs])) for g in gs]
+    failed = [g.mean("failed") for g in gs]
+    axes[0].bar(x, eff, color=colors, edgecolor="black", linewidth=0.5)
+    for k, v in enumerate(eff):
+        note = f"{v:.2f}" + (f"\n{failed[k]:.0f} failed" if failed[k] else "")
+        axes[0].annotate(note, (k, v), textcoords="offset points", xytext=(0, 3), ha="center",
+                         fontsize=7)
+    axes[0].axhline(1.0, color="black", linewidth=0.6, alpha=0.5)
+    axes[0].set_ylim(0, 1.15)
+    axes[0].set_ylabel("lower bound (incl. budget bound) / makespan")
+    axes[0].set_title("efficiency against the budget-inclusive bound", fontsize=10)
+    axes[1].bar(x, share, color=colors, edgecolor="black", linewidth=0.5)
+    for k, v in enumerate(share):
+        axes[1].annotate(f"{count[k]:.0f}", (k, v), textcoords="offset points", xytext=(0, 3),
+                         ha="center", fontsize=7)
+    axes[1].set_ylabel("calls answered 429 (%)")
+    axes[1].set_title("429s (share of calls; count on the bar)", fontsize=10)
+    for ax in axes:
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(_title(gs, "flow control per variant"), fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_limits(groups: Sequence[Group], path: Path) -> Path:
+    """Each adaptive stage's concurrency limit over time (first run of each group)."""
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for g in groups:
+        for stage, tl in g.runs[0].limit_timelines().items():
+            ts = [t for t, _ in tl] + [float(g.mean("makespan_s"))]
+            vs = [v for _, v in tl] + [tl[-1][1]]
+            ax.step(ts, vs, where="post", color=_gcolor(g), linestyle=_gstyle(g),
+                    linewidth=1.4, label=f"{stage}: {_label(g, with_clock=True)}")
+    ax.set_xlabel("time since start (scenario seconds)")
+    ax.set_ylabel("concurrency limit in force")
+    ax.set_title(_title(groups, "adaptive limits over time"))
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -213,9 +298,15 @@ def plot_dir(runs: Sequence[RunData], root: Path) -> dict[str, list[Path]]:
     for scenario in sorted({g.scenario for g in groups}, key=scenario_key):
         gs = [g for g in groups if g.scenario == scenario]
         virtual = [g for g in gs if g.clock == "virtual"] or gs
+        if any(g.variant for g in virtual):  # one timeline per variant: continuous only
+            virtual = [g for g in virtual if g.strategy == "continuous"] or virtual[:4]
         d = root / scenario
         out[scenario] = [plot_visible(gs, d / "visible.png"), plot_ecdf(gs, d / "ecdf.png"),
                          plot_bars(gs, d / "bars.png"), plot_gantt(virtual, d / "gantt.png")]
+        if any(g.runs[0].metadata.get("budgets") for g in gs):
+            out[scenario].append(plot_flow(gs, d / "flow.png"))
+        if any(g.runs[0].limit_timelines() for g in gs):
+            out[scenario].append(plot_limits(gs, d / "limits.png"))
     sp = plot_speedup(groups, root / "speedup.png")
     if sp is not None:
         out[""] = [sp]

@@ -1,7 +1,9 @@
 """The comparison tables: the headline printed to the terminal and ``report.md``.
 
 Both are built from :class:`bench._results.RunData` (saved files only). Runs are grouped by
-(scenario, clock, strategy); repeats of a group are shown as mean +- standard deviation.
+(scenario, clock, variant, strategy); repeats of a group are shown as mean +- standard deviation.
+A scenario's variants (DESIGN.md section 9) compare as strategies do, with a flow-control table:
+efficiency against the budget-inclusive bound, the 429s, failed items, adaptive limits.
 """
 from __future__ import annotations
 
@@ -27,6 +29,12 @@ class Group:
     clock: str
     strategy: str
     runs: tuple[RunData, ...]
+    variant: str = ""  #: '' for the scenario as written
+
+    @property
+    def label(self) -> str:
+        """``strategy`` or ``strategy [variant]``."""
+        return f"{self.strategy} [{self.variant}]" if self.variant else self.strategy
 
     def values(self, key: str) -> list[float]:
         return [float(r.summary[key]) for r in self.runs]
@@ -51,11 +59,14 @@ class Group:
 
 
 def group_runs(runs: Sequence[RunData]) -> list[Group]:
-    by: dict[tuple[str, str, str], list[RunData]] = defaultdict(list)
+    by: dict[tuple[str, str, str, str], list[RunData]] = defaultdict(list)
+    order: dict[tuple[str, str], int] = {}  # variants in the order first seen (file order)
     for r in runs:
-        by[(r.scenario, r.clock, r.strategy)].append(r)
-    groups = [Group(s, c, st, tuple(rs)) for (s, c, st), rs in by.items()]
+        by[(r.scenario, r.clock, r.variant, r.strategy)].append(r)
+        order.setdefault((r.scenario, r.variant), len(order))
+    groups = [Group(s, c, st, tuple(rs), v) for (s, c, v, st), rs in by.items()]
     return sorted(groups, key=lambda g: (scenario_key(g.scenario), g.clock != "virtual",
+                                         order[(g.scenario, g.variant)],
                                          STRATEGY_ORDER.get(g.strategy, 9), g.strategy))
 
 
@@ -66,7 +77,8 @@ def scenario_key(name: str) -> tuple[bool, str]:
 
 def _baseline(groups: Sequence[Group], g: Group) -> Group | None:
     for b in groups:
-        if (b.scenario, b.clock, b.strategy) == (g.scenario, g.clock, "batched"):
+        if (b.scenario, b.clock, b.variant, b.strategy) == (g.scenario, g.clock, g.variant,
+                                                             "batched"):
             return b
     return None
 
@@ -118,7 +130,7 @@ def origin_note(groups: Sequence[Group], origins: Origins | None) -> str:
 def _row(groups: Sequence[Group], g: Group, origins: Origins | None = None) -> list[str]:
     clock = (g.clock if g.clock == "virtual" else f"live x{g.time_scale:g}") \
         + origin_of(g, origins)
-    return [g.scenario, clock, g.strategy, str(len(g.runs)), _num(g, "makespan_s"),
+    return [g.scenario, clock, g.label, str(len(g.runs)), _num(g, "makespan_s"),
             _num(g, "throughput_per_s", 2), _speedup(groups, g), _num(g, "first_visible_s"),
             _num(g, "visible_p50_s"), _num(g, "visible_p99_s"), _num(g, "efficiency", 3),
             f"{g.mean('ok'):.0f}/{g.mean('failed'):.0f}"]
@@ -150,15 +162,54 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]
     return out
 
 
+def _limits(g: Group) -> str:
+    """An adaptive stage's limit: its last value and the range it moved in (first run)."""
+    out = []
+    for name, tl in g.runs[0].limit_timelines().items():
+        values = [v for _, v in tl]
+        out.append(f"{name} {values[0]}→{values[-1]} (range {min(values)}-{max(values)})")
+    return "; ".join(out) or "-"
+
+
+def flow_control(groups: Sequence[Group], scenario: str) -> list[str]:
+    """The variants of a scenario with provider accounts, side by side: efficiency against the
+    budget-inclusive bound, 429s, failed items, adaptive limits."""
+    gs = [g for g in groups if g.scenario == scenario and g.runs[0].metadata.get("budgets")]
+    if not gs:
+        return []
+    accounts = gs[0].runs[0].metadata["budgets"]
+    acct = "; ".join(
+        f"{b['name']} ({', '.join(b.get('stages') or [])}): "
+        + ", ".join(f"{v:,.0f} {k}/min" for k, v in b["per_minute"].items()) for b in accounts)
+    header = ["clock", "variant", "strategy", "runs", "makespan s", "budget bound s",
+              "lower bound s", "efficiency", "429s", "429 share", "failed", "adaptive limit"]
+    rows = []
+    for g in gs:
+        clock = g.clock if g.clock == "virtual" else f"live x {g.time_scale:g}"
+        bb = [float(r.summary.get("budget_bound_s", 0.0)) for r in g.runs]
+        share = statistics.fmean(r.overload_share for r in g.runs)
+        rows.append([clock, g.variant or "(as written)", g.strategy, str(len(g.runs)),
+                     _num(g, "makespan_s"), f"{statistics.fmean(bb):.1f}",
+                     _num(g, "lower_bound_s"), _num(g, "efficiency", 3),
+                     f"{statistics.fmean(r.overloaded for r in g.runs):.0f}",
+                     f"{100 * share:.1f}%", f"{g.mean('failed'):.0f}", _limits(g)])
+    return ["", f"**Flow control** against the account ({acct}). *budget bound* = (tokens or "
+                "requests of the calls that succeeded - the provider's one-minute burst) ÷ the "
+                "per-second rate, the same account for every variant; *efficiency* = lower "
+                "bound (including the budget bound) / makespan; *429s* = calls answered with a "
+                "rate-limit error, *429 share* = of the calls of the stages that got any.", "",
+            *_md_table(header, rows)]
+
+
 def _agreement(groups: Sequence[Group], scenario: str) -> list[str]:
-    virtual = {g.strategy: g for g in groups if g.scenario == scenario and g.clock == "virtual"}
+    virtual = {g.label: g for g in groups if g.scenario == scenario and g.clock == "virtual"}
     live = [g for g in groups if g.scenario == scenario and g.clock == "live"]
     rows = []
     for g in live:
-        v = virtual.get(g.strategy)
+        v = virtual.get(g.label)
         if v is None:
             continue
-        cells = [g.strategy, str(len(g.runs))]
+        cells = [g.label, str(len(g.runs))]
         for key in ("makespan_s", "visible_p50_s", "visible_p99_s"):
             vm, lm = v.mean(key), g.mean(key)
             diff = f"{100 * (lm - vm) / vm:+.1f}%" if vm else "-"
@@ -229,13 +280,14 @@ def write_report(runs: Sequence[RunData], root: Path, path: Path,
                 continue
             clock = (g.clock if g.clock == "virtual" else f"live x {g.time_scale:g}") \
                 + origin_of(g, origins)
-            rows.append([clock, g.strategy, g.params, str(len(g.runs)),
+            rows.append([clock, g.label, g.params, str(len(g.runs)),
                          _num(g, "throughput_per_s", 2), _num(g, "makespan_s"),
                          _speedup(groups, g), _num(g, "first_visible_s"),
                          _num(g, "visible_p50_s"), _num(g, "visible_p90_s"),
                          _num(g, "visible_p99_s"), _num(g, "efficiency", 3),
                          f"{g.mean('ok'):.0f}", f"{g.mean('failed'):.0f}"])
         lines += _md_table(header, rows)
+        lines += flow_control(groups, scenario)
         lines += _agreement(groups, scenario)
         for p in plots.get(scenario, []):
             rel = p.relative_to(path.parent) if p.is_relative_to(path.parent) else p

@@ -1,7 +1,9 @@
 """Results files on disk (DESIGN.md section 6): where they go, how they are written and read.
 
 Layout: ``<out>/<scenario>/<strategy>.json`` for a single run, ``<strategy>-rN.json`` (N from 1)
-for repeats. Reports and plots read these files only (never a live run's objects): ``load_runs``
+for repeats; a variant of a scenario (DESIGN.md section 9) gets its own folder,
+``<out>/<scenario>/<variant>/<strategy>.json``, so variants never collide. Reports and plots
+read these files only (never a live run's objects): ``load_runs``
 reduces each file to a small :class:`RunData` -- its metadata, the summary recomputed from its
 items, its validation problems, and the samples plots need -- so a directory of large files is
 read one file at a time.
@@ -14,7 +16,7 @@ import json
 import os
 import subprocess
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +56,11 @@ def git_commit() -> str:
     return head + ("-dirty" if dirty else "") if head else "unknown"
 
 
-def result_path(out: Path, scenario: str, strategy: str, repeat: int | None = None) -> Path:
+def result_path(out: Path, scenario: str, strategy: str, repeat: int | None = None,
+                variant: str | None = None) -> Path:
     suffix = f"-r{repeat}" if repeat is not None else ""
-    return Path(out) / scenario / f"{strategy}{suffix}.json"
+    d = Path(out) / scenario
+    return (d / variant if variant else d) / f"{strategy}{suffix}.json"
 
 
 def write_doc(doc: Mapping[str, Any], path: Path) -> None:
@@ -92,6 +96,29 @@ class RunData:
     visible: np.ndarray  #: sorted visible_at of ok items (scenario seconds)
     #: first GANTT_ITEMS items: (index, ((stage, start, end), ...), visible_at or None)
     gantt: tuple[tuple[int, tuple[tuple[str, float, float], ...], float | None], ...]
+    calls: Mapping[str, int] = field(default_factory=dict)  #: calls made per stage
+
+    @property
+    def variant(self) -> str:
+        """The scenario's variant ('' for the scenario as written)."""
+        return str(self.metadata.get("variant") or "")
+
+    @property
+    def overloaded(self) -> int:
+        """Calls answered with a rate-limit/overload error (429), over all stages."""
+        return sum(int(s.get("overloaded") or 0) for s in self.metadata["stages"])
+
+    @property
+    def overload_share(self) -> float:
+        """429s / calls of the stages that report overloads (0 when none does)."""
+        hit = [s["name"] for s in self.metadata["stages"] if s.get("overloaded")]
+        n = sum(self.calls.get(name, 0) for name in hit)
+        return self.overloaded / n if n else 0.0
+
+    def limit_timelines(self) -> dict[str, list[tuple[float, int]]]:
+        """Each adaptive stage's ``limit_timeline`` (scenario seconds, limit)."""
+        return {str(s["name"]): [(float(t), int(v)) for t, v in s["limit_timeline"]]
+                for s in self.metadata["stages"] if s.get("limit_timeline")}
 
     @property
     def scenario(self) -> str:
@@ -122,9 +149,14 @@ def run_data(doc: Mapping[str, Any], path: Path) -> RunData:
     for it in sorted(items, key=lambda it: it["index"])[:GANTT_ITEMS]:
         spans = tuple((st["name"], float(st["start"]), float(st["end"])) for st in it["stages"])
         gantt.append((int(it["index"]), spans, it["visible_at"]))
-    return RunData(path=Path(path), metadata=meta, summary=summarize(items, meta["stages"]),
+    calls: dict[str, int] = {}
+    for it in items:
+        for st in it["stages"]:
+            calls[st["name"]] = calls.get(st["name"], 0) + len(st["calls"])
+    return RunData(path=Path(path), metadata=meta,
+                   summary=summarize(items, meta["stages"], meta.get("budgets") or None),
                    problems=tuple(validate(doc)),
-                   visible=visible_ok(items), gantt=tuple(gantt))
+                   visible=visible_ok(items), gantt=tuple(gantt), calls=calls)
 
 
 #: first line of the ``.gitignore`` bench writes into an output directory it keeps out of git
@@ -175,13 +207,18 @@ def load_runs(root: Path, *, include_sweeps: bool = False) -> list[RunData]:
 STRATEGY_ORDER = {"continuous": 0, "parallel-batches": 1, "batched": 2}
 
 
-def sort_key(r: RunData) -> tuple[str, int, int, int, str]:
-    return (r.scenario, 0 if r.clock == "virtual" else 1, STRATEGY_ORDER.get(r.strategy, 9),
-            r.repeat or 0, str(r.path))
+#: the built-in scenarios' variants, from the naive to the adaptive; others follow by name
+VARIANT_ORDER = {"": 0, "fixed-50": 1, "best-fixed": 2, "pause-all": 3, "adaptive": 4}
 
 
-CSV_FIELDS = ("scenario", "clock", "strategy", "params", "repeat", "seed", "time_scale",
-              "items", *SUMMARY_KEYS, "valid", "path")
+def sort_key(r: RunData) -> tuple[str, int, int, str, int, int, str]:
+    return (r.scenario, 0 if r.clock == "virtual" else 1, VARIANT_ORDER.get(r.variant, 9),
+            r.variant, STRATEGY_ORDER.get(r.strategy, 9), r.repeat or 0, str(r.path))
+
+
+CSV_FIELDS = ("scenario", "clock", "variant", "strategy", "params", "repeat", "seed",
+              "time_scale", "items", *SUMMARY_KEYS, "budget_bound_s", "overloaded",
+              "overload_share", "valid", "path")
 
 
 def summary_rows(runs: Iterable[RunData], root: Path) -> list[dict[str, Any]]:
@@ -189,13 +226,18 @@ def summary_rows(runs: Iterable[RunData], root: Path) -> list[dict[str, Any]]:
     for r in runs:
         m = r.metadata
         row: dict[str, Any] = {
-            "scenario": r.scenario, "clock": r.clock, "strategy": r.strategy,
+            "scenario": r.scenario, "clock": r.clock, "variant": r.variant,
+            "strategy": r.strategy,
             "params": json.dumps(m.get("params"), sort_keys=True), "repeat": r.repeat or "",
             "seed": m.get("seed"), "time_scale": m.get("time_scale"), "items": m.get("items"),
         }
         for k in SUMMARY_KEYS:
             v = r.summary[k]
             row[k] = v if isinstance(v, int) else round(float(v), 6)
+        bb = r.summary.get("budget_bound_s")
+        row["budget_bound_s"] = "" if bb is None else round(float(bb), 6)
+        row["overloaded"] = r.overloaded
+        row["overload_share"] = round(r.overload_share, 6)
         row["valid"] = "yes" if not r.problems else "NO: " + r.problems[0]
         try:
             row["path"] = str(r.path.relative_to(root))

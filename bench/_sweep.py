@@ -149,6 +149,9 @@ def variant(sc: Scenario, param: SweepParam, value: Any) -> Scenario:
     return parse_scenario(raw, source=f"{sc.source} with {param.path}={value}")
 
 
+# a sweep of a variant edits the variant's own (self-contained) document
+
+
 def run_sweep(sc: Scenario, param: SweepParam, *, strategies: Sequence[str] | None,
               clock: Clock, time_scale: float | None, out: Path, keep_runs: bool = False,
               progress: Progress | None = None) -> tuple[list[dict[str, Any]], list[Outcome]]:
@@ -172,11 +175,15 @@ def run_sweep(sc: Scenario, param: SweepParam, *, strategies: Sequence[str] | No
         row: dict[str, Any] = {"param": param.path, "value": data.metadata["sweep"]["value"],
                                "strategy": data.strategy, "clock": data.clock}
         row.update({k: data.summary[k] for k in SUMMARY_KEYS})
+        row["budget_bound_s"] = data.summary.get("budget_bound_s", "")
+        row["overloaded"] = data.overloaded
+        row["overload_share"] = round(data.overload_share, 6)
         row["valid"] = "yes" if not data.problems else "NO: " + data.problems[0]
         rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "sweep.csv").open("w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=["param", "value", "strategy", "clock", *SUMMARY_KEYS,
+                                          "budget_bound_s", "overloaded", "overload_share",
                                           "valid"])
         w.writeheader()
         w.writerows(rows)
