@@ -1,21 +1,22 @@
-"""Build hook: compile the engine's hot path with mypyc when possible (pure Python otherwise).
+"""Build hook: compile the engine's hot path with mypyc, on request.
 
-The engine's scheduler, the strategies' policies and the backends, and the simulators' per-call
-path of ``SimulatedService.simulate``, are compiled from the very same sources (mypyc, as black
-and mypy ship themselves). The lists are ``HOT`` in engine/_accel.py and simulators/_accel.py.
-It is optional on purpose:
+``CONVEYOR_COMPILE=1 pip install .`` (or building a wheel with it set) compiles the modules
+listed in ``HOT`` (engine/_accel.py) from the very sources it installs beside them, the way
+black and mypy ship themselves. Nothing else compiles:
 
-* ``CONVEYOR_PURE=1 pip install ...`` skips compilation;
-* a machine without a C compiler gets the pure-Python package (each extension is ``optional``:
-  a failed build is a warning, not an error);
-* at import, ``CONVEYOR_PURE=1`` (or a compiled module older than its source) makes the engine
-  load the pure-Python sources instead; ``engine.COMPILED`` and ``simulators.COMPILED`` say
-  which one runs.
+* an editable install (``pip install -e .``, what ./test.sh and ./run.sh do) never compiles,
+  so what runs is always the source as written and a stale build cannot exist;
+* without a C compiler (or mypyc refusing), the build falls back to pure Python with a warning
+  (each extension is ``optional``).
+
+``engine.COMPILED`` says which code runs; ``CONVEYOR_PURE=1`` at import runs the sources of a
+compiled install.
 """
 from __future__ import annotations
 
 import ast
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -33,12 +34,16 @@ def hot_modules(package: str) -> list[str]:
 
 
 def ext_modules() -> list:
-    if os.environ.get("CONVEYOR_PURE", "") not in ("", "0"):
+    if os.environ.get("CONVEYOR_COMPILE", "") in ("", "0"):
+        return []
+    if any("editable" in arg for arg in sys.argv):
+        warnings.warn("conveyor: an editable install never compiles (edits must run as "
+                      "written); installing pure Python", stacklevel=1)
         return []
     try:
         from mypyc.build import mypycify
 
-        exts = mypycify(hot_modules("engine") + hot_modules("simulators"), opt_level="3")
+        exts = mypycify(hot_modules("engine"), opt_level="3")
     except (ImportError, Exception, SystemExit) as exc:  # mypyc missing or refusing: pure
         warnings.warn(f"conveyor: not compiling the hot path ({type(exc).__name__}: {exc}); "
                       f"installing pure Python", stacklevel=1)

@@ -43,6 +43,7 @@ _LOST_RETRY = RetryPolicy(attempts=3, backoff=0.0, max_backoff=0.0, retry_on=(Wo
 
 
 log = logging.getLogger("engine")
+_new = tuple.__new__  # builds a named tuple without its Python-level __new__ (hot path)
 
 
 class _HedgeDue:
@@ -124,9 +125,15 @@ class Scheduler(Admission):
     def advance(self, item: _Item) -> None:
         """Queue ``item`` for its next stage (the first after admission), first attempt there.
         Items only ever move forward one stage: the policies' one way to move them."""
-        item.stage += 1
+        s = item.stage = item.stage + 1
         item.attempt = 1
-        self._enqueue(item)
+        st = self.stages[s]
+        item.queued_at = self.backend.now()
+        if st.plain and st.running < st.limit and not st.waiting and not self.cancel.cancelled:
+            self._start_plain(st, item)  # the hot path: a free slot, nothing to consult
+        else:
+            st.waiting.append(item)
+            self._pump(st)
 
     def drop(self, item: _Item) -> None:
         item.status = "cancelled"
@@ -159,6 +166,10 @@ class Scheduler(Admission):
             self._drain()
             return
         waiting, due = st.waiting, st.hedge_due
+        if st.plain:  # no gate, no hedge: the hot path
+            while waiting and st.running < st.limit:
+                self._start_plain(st, waiting.popleft())
+            return
         while st.running < st.limit and (waiting or due):
             call = st.head
             if call is None:
@@ -178,6 +189,13 @@ class Scheduler(Admission):
             else:
                 waiting.popleft()
             self._start(st, call)
+
+    def _start_plain(self, st: StageState, item: _Item) -> None:
+        n = st.running = st.running + 1
+        item.running += 1
+        if n > st.peak:
+            st.peak = n
+        self.backend.start(_Call(item, st.index, st.name, item.attempt, False, item.queued_at))
 
     def _next_call(self, st: StageState) -> _Call | None:
         """The call to start next at the stage (hedge requests that went stale are dropped)."""
@@ -311,7 +329,10 @@ class Scheduler(Admission):
             return
         item.running -= 1
         try:
-            self._handle(st, call, start, end, ok, result)
+            if ok and st.plain and call.charged is None and not item.calls:
+                self._won_plain(st, item, start, end, result, call.queued_at)
+            else:
+                self._handle(st, call, start, end, ok, result)
         except Exception as exc:  # a bug of ours or an exception too strange to read
             if not item.status:
                 item.error = ErrorInfo.from_exception(st.name, exc)
@@ -329,12 +350,18 @@ class Scheduler(Admission):
             return
         st.calls += 1
         st.busy += end - start
-        st.wait += max(0.0, start - call.queued_at)
+        if start > call.queued_at:
+            st.wait += start - call.queued_at
+        if ok and st.plain and call.charged is None:  # the hot path: nothing to settle
+            self._won(st, call, start, end, result, None)
+            return
         overloaded = not ok and st.is_overload(result)
         if overloaded:
             st.overloaded += 1
-        cost = st.settle(call, bool(ok), result, overloaded, self.backend.budget_now())
-        st.adapt(end, start, overloaded)
+        cost = (st.settle(call, bool(ok), result, overloaded, self.backend.budget_now())
+                if st.budget is not None or call.charged else None)
+        if st.adaptive is not None:
+            st.adapt(end, start, overloaded)
         if ok:
             self._won(st, call, start, end, result, cost)
             return
@@ -348,6 +375,26 @@ class Scheduler(Admission):
             return
         item.error = err
         self._finish(item, "cancelled" if self.cancel.cancelled else "failed")
+
+    def _won_plain(self, st: StageState, item: _Item, start: float, end: float, result: Any,
+                   queued_at: float) -> None:
+        """The hot path of ``_handle``: a first call that succeeded at a plain stage."""
+        st.calls += 1
+        st.busy += end - start
+        if start > queued_at:
+            st.wait += start - queued_at
+        item.spans.append(_new(StageSpan, (st.name, start, end,
+                                           (_new(Attempt, (start, end, None, False, False,
+                                                           None)),), False)))
+        item.value = result
+        if item.stage == self.last:
+            item.status = "ok"
+            self.policy.item_done(item)
+        elif self.cancel.cancelled:
+            item.status = "cancelled"
+            self.policy.item_done(item)
+        else:
+            self.policy.stage_done(item)
 
     def _won(self, st: StageState, call: _Call, start: float, end: float, result: Any,
              cost: dict[str, float] | None) -> None:
@@ -392,6 +439,12 @@ class Scheduler(Admission):
         with the winning call last (a stage's end is its last call not lost)."""
         calls = item.calls
         if not calls:
+            return
+        if len(calls) == 1:  # the common case
+            a = calls[0]
+            item.spans.append(StageSpan(self.names[item.stage], a.start, a.end, (a,)))
+            item.calls = []
+            item.won = False
             return
         if len(calls) > 1:
             calls.sort(key=lambda a: a.start)

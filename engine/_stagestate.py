@@ -64,6 +64,8 @@ class StageState:
         self.hedge: HedgeState | None = stage.hedge.state() if stage.hedge else None
         self.codec = (stage.codec or DEFAULT_CODEC) if stage.checkpoint else None
         self.gated = stage.rate_limit is not None or self.budget is not None
+        # nothing but slots to consult: the scheduler's hot path
+        self.plain = not self.gated and self.hedge is None and not isinstance(c, Adaptive)
         self.waiting: deque[_Item] = deque()  # FIFO of items that arrived here
         self.hedge_due: deque[_Call] = deque()  # attempts due a hedge: ahead of the queue
         self.head: _Call | None = None  # the call at the head, estimated, waiting for a gate

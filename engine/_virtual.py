@@ -23,6 +23,8 @@ __all__ = ["VirtualBackend"]
 _heappush: Final = heapq.heappush
 _heappop: Final = heapq.heappop
 _TIMER: Final = object()  # the "start" slot of a timer event
+_new: Final = tuple.__new__  # builds a named tuple without its Python-level __new__
+_INF: Final = math.inf
 
 
 class SimulationError(ValueError):
@@ -66,12 +68,14 @@ class VirtualBackend(Backend):
             _heappush(self._heap, (t, self._n, call, t, None))
             return
         item = call.item
-        info = CallInfo(item.index, item.key, call.name, call.stage, call.attempt, call.hedge)
+        info = _new(CallInfo, (item.index, item.key, call.name, call.stage, call.attempt,
+                               call.hedge))
         try:
             sim = self._sims[call.stage](info, item.value, now=t)
             d = sim[0]
-            if isinstance(d, bool) or not isinstance(d, int | float) or not math.isfinite(d) \
-                    or d < 0:
+            if not (d.__class__ is float and 0.0 <= d < _INF) and (
+                    isinstance(d, bool) or not isinstance(d, int | float) or not math.isfinite(d)
+                    or d < 0):
                 raise SimulationError(
                     f"Stage {call.name!r}: simulate() returned a duration of {d!r} for item "
                     f"{item.index}; expected a finite number of seconds >= 0")
