@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import time
 from collections.abc import Hashable, Mapping
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -49,6 +50,15 @@ class CurrentCall(CallInfo):
             charged = call.charged = {}
         for unit, amount in units.items():
             charged[unit] = charged.get(unit, 0.0) + float(amount)
+
+    def sleep(self, seconds: float) -> bool:
+        """``time.sleep(seconds)``, cut short when the engine discards this call (its hedged
+        twin won); returns True if it was cut short."""
+        event = self.__dict__["_call"].event
+        if event is None:
+            time.sleep(seconds)
+            return False
+        return bool(event.wait(seconds))
 
     @property
     def cancelled(self) -> bool:

@@ -37,8 +37,8 @@ class _Item:
 class _Call:
     """One call of one item at one stage: what a backend runs and reports back."""
 
-    __slots__ = ("attempt", "charged", "done", "estimate", "hedge", "item", "lost", "name",
-                 "queued_at", "stage", "started_at", "twin")
+    __slots__ = ("attempt", "charged", "done", "estimate", "event", "hedge", "item", "lost",
+                 "name", "queued_at", "stage", "started_at", "twin")
 
     def __init__(self, item: _Item, stage: int, name: str, attempt: int, hedge: bool,
                  queued_at: float) -> None:
@@ -54,6 +54,7 @@ class _Call:
         self.started_at = 0.0  # when the scheduler handed it to the backend
         self.done = False  # reported back
         self.twin: _Call | None = None  # its hedge, or the attempt it hedges
+        self.event: Any = None  # live, at a hedged stage: set when the call is discarded
 
 
 class Backend:
@@ -76,6 +77,11 @@ class Backend:
     def call_later(self, delay: float, obj: object) -> None:
         """Call ``sched.on_timer(obj)`` after ``delay`` seconds."""
         raise NotImplementedError
+
+    def discard(self, call: _Call) -> None:
+        """``call`` lost to its hedged twin: its result will be ignored. A live call sees
+        ``current_call().cancelled`` (and its ``sleep`` ends); on the virtual clock a stage
+        that ``stops_when_cancelled`` ends it now."""
 
     def step(self, sched: Any) -> None:
         """Wait for events and report each: ``sched.on_done(...)`` / ``sched.on_timer(...)``,

@@ -21,7 +21,7 @@ _SAMPLES = 512  # recent call durations kept for the running percentile
 _MIN_SAMPLES = 32  # no percentile hedging before this many calls
 _RECOMPUTE = 64  # recompute the percentile every this many calls
 _JUDGE_AFTER = 20  # hedges before judging whether they win
-_MIN_WIN_RATE = 0.25  # below it, hedging stops at this stage
+_MIN_WIN_RATE = 0.1  # below it, hedging stops at this stage
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +101,19 @@ class HedgeState:
             hi = min(lo + 1, len(xs) - 1)
             self._threshold = xs[lo] + (h - lo) * (xs[hi] - xs[lo])
 
-    def allowed(self, calls_started: int) -> bool:
-        """Whether one more hedge fits the allowance (and hedges here have been winning)."""
-        if self.hedges >= _JUDGE_AFTER and self.won < _MIN_WIN_RATE * self.hedges:
-            return False
-        return self.hedges < self.max_extra * calls_started + 1
+    @property
+    def active(self) -> bool:
+        """False once hedges here have been judged not to win (the item's slowness sticks:
+        a second call is as slow as the first)."""
+        return self.hedges < _JUDGE_AFTER or self.won >= _MIN_WIN_RATE * self.hedges
+
+    def allowed(self, calls_started: int, first_look: bool = False) -> bool:
+        """Whether one more hedge fits the allowance -- ``max_extra`` x the stage's calls
+        started that are not hedges, +1 -- and hedges here have been winning.
+
+        A first look (the call has just passed the hedge delay) gets half the allowance: the
+        calls that pass a percentile are mostly the distribution's tail, about to finish; the
+        rest is kept for the calls still running a little later, the truly slow ones.
+        """
+        share = 0.5 if first_look else 1.0
+        return self.active and self.hedges < share * self.max_extra * calls_started + 1

@@ -240,6 +240,9 @@ class LiveBackend(Backend):
     def call_later(self, delay: float, obj: object) -> None:
         heapq.heappush(self._timers, (time.perf_counter() + delay, next(self._seq), obj))
 
+    def discard(self, call: _Call) -> None:
+        pass  # the call sees current_call().cancelled; its slot frees when it returns
+
     def wake(self) -> None:
         self._outbox.put(_WAKE)
 

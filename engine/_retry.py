@@ -40,8 +40,9 @@ class RetryPolicy:
     caps every delay, ``retry_after`` included (a hint of a day is not worth waiting for).
     Only exceptions that are instances of ``retry_on`` are retried; the others fail the item
     at once (a ``WorkerLost`` call is retried regardless: its worker died, not the call).
-    A retry goes back to the end of the stage's queue, through its concurrency limit and rate
-    limit like any call.
+    A retry goes back through the stage's concurrency limit and rate limit like any call,
+    taking the next free slot ahead of first attempts waiting there (the item's second
+    chance, not new work: the same rule as a hedge's).
     """
 
     attempts: int = 3

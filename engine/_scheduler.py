@@ -25,6 +25,7 @@ waiting there in one go (streamed hand-offs, decisions in bulk).
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from ._cancel import CancelToken
@@ -47,12 +48,14 @@ _new = tuple.__new__  # builds a named tuple without its Python-level __new__ (h
 
 
 class _HedgeDue:
-    """A timer: ``call`` has run as long as its stage hedges after."""
+    """A timer: ``call`` has run as long as its stage hedges after (``late``: and longer:
+    a look again after the allowance said no)."""
 
-    __slots__ = ("call",)
+    __slots__ = ("call", "late")
 
-    def __init__(self, call: _Call) -> None:
+    def __init__(self, call: _Call, late: bool = False) -> None:
         self.call = call
+        self.late = late
 
 
 class Scheduler(Admission):
@@ -61,6 +64,7 @@ class Scheduler(Admission):
     def __init__(self, stages: tuple[Stage, ...], feed: Feed, cancel: CancelToken, *,
                  virtual: bool = False) -> None:
         self.names = tuple(s.name for s in stages)
+        self.virtual = virtual
         self._limits = [s.max_concurrency for s in stages]
         self.last = len(stages) - 1
         self.feed = feed
@@ -249,6 +253,8 @@ class Scheduler(Admission):
         call.started_at = backend.now()
         hedge = st.hedge
         if hedge is not None:
+            if not self.virtual:
+                call.event = threading.Event()  # wakes its sleep if it loses
             if call.hedge:
                 hedge.hedges += 1
                 st.hedges += 1
@@ -256,6 +262,8 @@ class Scheduler(Admission):
                 d = hedge.delay()
                 if d is not None:
                     backend.call_later(d, _HedgeDue(call))
+                else:  # no running percentile yet: armed once there is one
+                    st.unarmed.append(call)
         backend.start(call)
 
     def _drain(self) -> None:
@@ -291,27 +299,40 @@ class Scheduler(Admission):
             self.policy.fill()
 
     def on_timer(self, obj: object) -> None:
-        """A timer set with ``backend.call_later`` is due: a retry's backoff (an item) or a
-        stage's rate-limit wake-up."""
+        """A timer set with ``backend.call_later`` is due: a retry's backoff (an item: it takes
+        the stage's next free slot ahead of first attempts), a stage's gate wake-up, or a
+        hedge's delay."""
         if isinstance(obj, StageState):
             obj.wake_at = -1.0
             self._pump(obj)
             return
         if isinstance(obj, _HedgeDue):
-            self._hedge_due(obj.call)
+            self._hedge_due(obj.call, obj.late)
             return
         assert isinstance(obj, _Item)
         if self.cancel.cancelled:
             self._finish(obj, "cancelled")
         else:
-            self._enqueue(obj)
+            st = self.stages[obj.stage]
+            obj.queued_at = self.backend.now()
+            st.waiting.appendleft(obj)
+            self._pump(st)
 
-    def _hedge_due(self, call: _Call) -> None:
+    def _hedge_due(self, call: _Call, obj_is_late: bool = False) -> None:
+        """``call`` has run as long as its stage hedges after: queue one duplicate, ahead of
+        first attempts. Over the allowance, look again a quarter of the hedge delay later (the
+        allowance grows with every call started, and the calls still running by then are the
+        slow ones: the tail's fast end has finished)."""
         item = call.item
         st = self.stages[call.stage]
+        hedge = st.hedge
         if (call.done or item.won or item.running != 1 or call.twin is not None
-                or self.cancel.cancelled or st.hedge is None
-                or not st.hedge.allowed(st.started)):
+                or self.cancel.cancelled or hedge is None):
+            return
+        if not hedge.allowed(st.started - st.hedges, first_look=not obj_is_late):
+            d = hedge.delay()
+            if d is not None and hedge.active:  # the allowance grows with every call started
+                self.backend.call_later(d / 4, _HedgeDue(call, late=True))
             return
         st.hedge_due.append(call)
         self._pump(st)
@@ -376,6 +397,17 @@ class Scheduler(Admission):
         item.error = err
         self._finish(item, "cancelled" if self.cancel.cancelled else "failed")
 
+    def _arm(self, st: StageState) -> None:
+        """The stage's hedge delay is known now: arm the calls that started before it was."""
+        assert st.hedge is not None
+        d = st.hedge.delay()
+        assert d is not None
+        now = self.backend.now()
+        for call in st.unarmed:
+            if not call.done:
+                self.backend.call_later(max(0.0, call.started_at + d - now), _HedgeDue(call))
+        st.unarmed = []
+
     def _won_plain(self, st: StageState, item: _Item, start: float, end: float, result: Any,
                    queued_at: float) -> None:
         """The hot path of ``_handle``: a first call that succeeded at a plain stage."""
@@ -401,15 +433,26 @@ class Scheduler(Admission):
         item = call.item
         winner = Attempt(start, end, None, call.hedge, False, cost)
         twin = call.twin
-        if twin is not None and not twin.done:  # the loser: discarded when it returns
+        if twin is not None and not twin.done:  # the loser: its slot is freed when it returns
             twin.lost = True
             item.running -= 1
             item.calls.append(Attempt(twin.started_at, end, None, twin.hedge, True, None))
-        if call.hedge and st.hedge is not None:
-            st.hedge.won += 1
-            st.hedges_won += 1
-        elif st.hedge is not None and item.attempt == 1:
-            st.hedge.observe(end - start)
+            if twin.event is not None:
+                twin.event.set()
+            self.backend.discard(twin)
+        hedge = st.hedge
+        if hedge is not None:
+            if call.hedge:
+                hedge.won += 1
+                st.hedges_won += 1
+            if item.attempt == 1:
+                # the running percentile sees every first attempt: one that lost counts as
+                # long as it had run (at least that slow), or the hedged slow calls would
+                # drop out of the sample and pull the percentile down
+                primary = twin if call.hedge and twin is not None else call
+                hedge.observe(end - primary.started_at if primary is not call else end - start)
+                if st.unarmed and hedge.delay() is not None:
+                    self._arm(st)
         item.calls.append(winner)
         item.value = result
         self._close_span(item, winner)
@@ -432,7 +475,7 @@ class Scheduler(Admission):
         delay = policy.delay(error, item.attempt, unit_random(item.index, st.index, item.attempt))
         item.attempt += 1
         st.retries += 1
-        self.backend.call_later(delay, item)  # then back to the end of the stage's queue
+        self.backend.call_later(delay, item)  # then ahead of the first attempts waiting
 
     def _close_span(self, item: _Item, winner: Attempt | None = None) -> None:
         """The item leaves its stage: its calls become the stage's span, in order of start

@@ -68,6 +68,7 @@ class StageState:
         self.plain = not self.gated and self.hedge is None and not isinstance(c, Adaptive)
         self.waiting: deque[_Item] = deque()  # FIFO of items that arrived here
         self.hedge_due: deque[_Call] = deque()  # attempts due a hedge: ahead of the queue
+        self.unarmed: list[_Call] = []  # started before the hedge delay was known
         self.head: _Call | None = None  # the call at the head, estimated, waiting for a gate
         self.running = 0  # calls handed to the backend and not yet reported
         self.started = 0  # calls started (hedges included)

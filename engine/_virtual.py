@@ -23,6 +23,7 @@ __all__ = ["VirtualBackend"]
 _heappush: Final = heapq.heappush
 _heappop: Final = heapq.heappop
 _TIMER: Final = object()  # the "start" slot of a timer event
+_LOST: Final = object()  # the "start" slot of a lost call's early end
 _new: Final = tuple.__new__  # builds a named tuple without its Python-level __new__
 _INF: Final = math.inf
 
@@ -53,6 +54,7 @@ class VirtualBackend(Backend):
         self._n = 0
         self._cancel = cancel
         self._sims: list[Callable[..., Any]] = [st.fn.simulate for st in stages]  # type: ignore[attr-defined]
+        self._stops = [bool(getattr(st.fn, "stops_when_cancelled", False)) for st in stages]
         self._errors: list[BaseException] = []  # simulators' failures, for the scheduler
 
     def now(self) -> float:
@@ -85,6 +87,13 @@ class VirtualBackend(Backend):
             return
         _heappush(self._heap, (t + d, self._n, call, t, sim))
 
+    def discard(self, call: _Call) -> None:
+        """A stage that stops when cancelled ends a lost call now: its slot frees now, and
+        its scheduled end is skipped when it comes."""
+        if self._stops[call.stage]:
+            self._n += 1
+            _heappush(self._heap, (self.t, self._n, call, _LOST, None))
+
     def call_later(self, delay: float, obj: object) -> None:
         self._n += 1
         _heappush(self._heap, (self.t + delay, self._n, obj, _TIMER, None))
@@ -113,9 +122,13 @@ class VirtualBackend(Backend):
             if not events & 1023:
                 checkpoint()  # lets Ctrl-C in, should this loop ever be compiled
             end, _, obj, start, sim = _heappop(heap)
+            if start is not _TIMER and obj.done:
+                continue  # a lost call that already ended early
             self.t = end  # never earlier than now: every event is scheduled at now + d, d >= 0
             if start is _TIMER:
                 on_timer(obj)
+            elif start is _LOST:
+                on_done(obj, end, end, False, None)  # recorded when it lost; frees its slot
             elif sim is None:
                 on_done(obj, end, end, None, None)
             else:

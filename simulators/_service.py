@@ -289,10 +289,17 @@ class SimulatedService:
             return self._refusal(now)
 
     # ------------------------------------------------------------------ live
+    #: a call whose result the engine will discard (its hedged twin won) stops at once: live,
+    #: the sleep watches ``current_call().cancelled``; on the virtual clock the engine ends it
+    #: when it loses (DESIGN §10)
+    stops_when_cancelled = True
+
     def __call__(self, value: Any) -> Any:
+        call: Any
         try:
             call = current_call()
         except RuntimeError:
+            call = None
             index, key = next(self._counter), 1
         else:
             index, key = call[0], call[4]
@@ -312,7 +319,10 @@ class SimulatedService:
         off = index & _MASK
         duration, code = blk[0][off], blk[1][off]
         if duration > 0 and self.time_scale > 0:
-            self._sleep(duration * self.time_scale)
+            if call is not None and self._sleep is time.sleep:
+                call.sleep(duration * self.time_scale)  # ends early if its twin wins
+            else:
+                self._sleep(duration * self.time_scale)
         if code:
             raise self._error(code, index, key)
         return value

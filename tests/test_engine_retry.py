@@ -102,7 +102,9 @@ def test_retry_on_filters_exceptions() -> None:
 
 
 def test_retry_goes_back_through_the_limit() -> None:
-    """A retried item re-queues behind items already waiting (FIFO), never exceeding the limit."""
+    """A retried item takes the stage's next free slot ahead of first attempts waiting there
+    (it is the item's second chance, not new work, as a hedge is), never exceeding the
+    limit."""
     policy = RetryPolicy(attempts=2, backoff=0, jitter=False)
 
     class FirstFails(Flaky):
@@ -114,7 +116,7 @@ def test_retry_goes_back_through_the_limit() -> None:
     report = Pipeline([Stage("s", FirstFails(0), concurrency=1, retry=policy)]).run(
         range(3), clock="virtual")
     starts = {r.index: [a.start for a in r.stages[0].attempts] for r in report.items}
-    assert starts == {0: [0.0, 3.0], 1: [1.0], 2: [2.0]}
+    assert starts == {0: [0.0, 2.0], 1: [1.0], 2: [3.0]}
 
 
 def test_live_retry_succeeds() -> None:
