@@ -98,7 +98,7 @@ def test_run_virtual_then_plot_and_compare(tmp_path: Path) -> None:
 
     res = bench("compare", str(out), str(out))
     assert res.returncode == 0, res.stderr
-    assert res.stdout.count("1.000 [1.000-1.000]") == 3 * 4
+    assert res.stdout.count("1.000 [1.000-1.000]") == 3 * 5  # makespan, items/s, p50, p99, eff.
 
 
 @pytest.mark.timeout(180)
