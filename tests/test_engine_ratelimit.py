@@ -169,3 +169,16 @@ def test_virtual_absurdly_slow_rate_limit() -> None:
     report = Pipeline([Stage("s", Instant(), 2, rate_limit=RateLimit(rate=1e-12))]).run(
         range(2), clock="virtual")
     assert [r.stages[0].start for r in report.items] == [0.0, pytest.approx(1e12)]
+
+
+@pytest.mark.timeout(20, method="thread")
+def test_stream_closed_while_calls_wait_for_a_token() -> None:
+    fn = Recorder(duration=0.0)
+    gen = Pipeline([Stage("llm", fn, 10, rate_limit=RateLimit(rate=2))]).stream(range(50))
+    assert next(gen).ok
+    t = time.perf_counter()
+    gen.close()
+    closed = time.perf_counter()
+    assert closed - t < 2.0
+    time.sleep(0.6)
+    assert all(s <= closed for s in fn.starts) and len(fn.starts) <= 2
