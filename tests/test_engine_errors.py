@@ -314,3 +314,15 @@ def test_init_failure_on_one_worker_only_still_raises() -> None:
     with pytest.raises(StageInitError) as info:
         Pipeline([Stage("db", use_resource, 3, init=init_fails_second)]).run(range(20))
     assert info.value.stage == "db" and isinstance(info.value.__cause__, OSError)
+
+
+def test_init_raising_an_unreadable_exception() -> None:
+    cause = BadStr("<html>")
+
+    def bad_init():
+        raise cause
+
+    with pytest.raises(StageInitError, match=r"init raised BadStr: <str\(\) of this BadStr") \
+            as info:
+        Pipeline([Stage("db", use_resource, 2, init=bad_init)]).run(range(4))
+    assert info.value.__cause__ is cause
