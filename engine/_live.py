@@ -6,6 +6,10 @@ The scheduler hands a call over only when the stage has a free slot, so a worker
 for a slot or a rate limit, and the limit holds by construction. A stage on a process pool or
 a caller's executor gets the same worker loops as relays: each submits its call to the
 executor and waits for it, so the limit stays global and the dispatcher stays central.
+
+An ``async def`` stage has no worker threads: its calls go to the run's one event-loop thread
+(``_async.AsyncLoop``, started only when the run has an async stage), which runs up to
+``concurrency`` of its coroutines at once and reports each completion on the same outbox.
 """
 from __future__ import annotations
 
@@ -17,18 +21,24 @@ import itertools
 import queue
 import threading
 import time
+import types
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ._cancel import CancelToken
 from ._context import _local
 from ._core import Backend, _Call
 from ._errors import StageInitError, WorkerLost
-from ._stage import Stage
+from ._stage import Stage, _is_async
+
+if TYPE_CHECKING:
+    from ._async import AsyncLoop
 
 __all__ = ["LiveBackend"]
 
 _STOP = None  # tells a worker loop to exit
+_COROUTINE = types.CoroutineType
+_UNSTARTED = 1 << 62  # an async stage's "worker loops": the event loop, never spawned
 
 
 class _Wake:
@@ -152,8 +162,12 @@ def _worker_loop(stage: Stage, call_fn: Callable[..., Any], inbox: queue.SimpleQ
                 result, ok = exc, False
             t1 = clock()
             _local.call = None
-            if ok and result.__class__ is _Timed:
-                t0, t1, result = result
+            if ok:
+                cls = result.__class__
+                if cls is _Timed:
+                    t0, t1, result = result
+                elif cls is _COROUTINE:  # a plain function that returned a coroutine
+                    result, ok = _unawaited(stage, result), False
             put(_Done(call, t0, t1, ok, result))
             del call, value, result  # do not keep the last value alive while idle
     finally:
@@ -161,6 +175,12 @@ def _worker_loop(stage: Stage, call_fn: Callable[..., Any], inbox: queue.SimpleQ
         if callable(close):
             with contextlib.suppress(Exception):  # a failing close must not break shutdown
                 close()
+
+
+def _unawaited(stage: Stage, coro: Any) -> TypeError:
+    coro.close()  # never awaited: close it, without the "never awaited" warning
+    return TypeError(f"Stage {stage.name!r}: fn returned a coroutine ({coro.__qualname__}); "
+                     "declare the stage function `async def` to run it on the event loop")
 
 
 class LiveBackend(Backend):
@@ -172,13 +192,14 @@ class LiveBackend(Backend):
         self._seq = itertools.count()
         self._cancel = cancel
         self._stages = stages
-        self._inboxes: list[queue.SimpleQueue[Any]] = []
+        self._inboxes: list[Any] = []  # a SimpleQueue per thread stage, the loop for async
         self._pools: list[concurrent.futures.ThreadPoolExecutor] = []
         self._calls: list[Callable[..., Any]] = []
         self._started: list[int] = []  # worker loops started per stage
         self._busy: list[int] = []  # calls handed over and not yet reported, per stage
         self._relays: list[_Relay] = []
         self.executor_workers: list[int | None] = []
+        self._loop: AsyncLoop | None = None  # the event-loop thread, if a stage is async
         self._remove_wake = cancel._on_cancel(self.wake)
         _running[id(self)] = self.abandon
         try:
@@ -192,6 +213,9 @@ class LiveBackend(Backend):
         self.base = time.perf_counter()
 
     def _start_stage(self, st: Stage) -> None:
+        if _is_async(st.fn):
+            self._start_async_stage(st)
+            return
         self._inboxes.append(queue.SimpleQueue())
         self._pools.append(concurrent.futures.ThreadPoolExecutor(
             max_workers=st.max_concurrency, thread_name_prefix=f"conveyor-{st.name}"))
@@ -217,6 +241,22 @@ class LiveBackend(Backend):
         # an adaptive stage starts with threads for its initial limit and grows on demand
         self._spawn(len(self._inboxes) - 1, c if isinstance(c, int) else c.initial)
 
+    def _start_async_stage(self, st: Stage) -> None:
+        loop = self._loop
+        if loop is None:
+            from ._async import AsyncLoop  # asyncio: only for a run with an async stage
+
+            loop = self._loop = AsyncLoop(self._outbox, self._cancel)
+        s = len(self._inboxes)
+        self._inboxes.append(loop)  # loop.put(call) starts its coroutine
+        # no threads: the executor is never submitted to (kept so stages index alike)
+        self._pools.append(concurrent.futures.ThreadPoolExecutor(max_workers=1))
+        self._calls.append(st.fn)
+        self.executor_workers.append(None)
+        self._started.append(_UNSTARTED)
+        self._busy.append(0)
+        loop.add_stage(s, st)
+
     def _spawn(self, s: int, n: int) -> None:
         st = self._stages[s]
         for _ in range(n):
@@ -241,7 +281,9 @@ class LiveBackend(Backend):
         heapq.heappush(self._timers, (time.perf_counter() + delay, next(self._seq), obj))
 
     def discard(self, call: _Call) -> None:
-        pass  # the call sees current_call().cancelled; its slot frees when it returns
+        # the call sees current_call().cancelled; its slot frees when it returns
+        if self._loop is not None and self._inboxes[call.stage] is self._loop:
+            self._loop.discard(call)  # its asleep() ends now
 
     def wake(self) -> None:
         self._outbox.put(_WAKE)
@@ -282,9 +324,13 @@ class LiveBackend(Backend):
         second Ctrl-C: running calls finish in the background)."""
         self._cancel.cancel("abandoned")
         self._stop_workers()
+        if self._loop is not None:
+            self._loop.stop()  # it exits once its running coroutines finish
 
     def _stop_workers(self) -> None:
         for s, inbox in enumerate(self._inboxes):
+            if inbox is self._loop:
+                continue
             for _ in range(self._started[s]):
                 inbox.put(_STOP)
             self._started[s] = 0
@@ -296,6 +342,8 @@ class LiveBackend(Backend):
         self._stop_workers()
         for pool in self._pools:
             pool.shutdown(wait=wait)
+        if self._loop is not None:
+            self._loop.close(wait=wait)
         if wait:
             for relay in self._relays:
                 relay.shutdown()

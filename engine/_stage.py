@@ -76,9 +76,6 @@ class Stage:
         where = f"Stage {self.name!r}"
         if not callable(self.fn):
             raise TypeError(f"{where}: fn: expected a callable, got {self.fn!r}")
-        if _is_async(self.fn):
-            raise TypeError(f"{where}: fn: {self.fn!r} is an async function; stage functions "
-                            "must be plain functions (fn(value) -> value)")
         if not isinstance(self.concurrency, Adaptive):
             check_int(f"{where}: concurrency", self.concurrency)
         check_type(f"{where}: budget", self.budget, Budget, "a Budget", optional=True)
@@ -113,12 +110,18 @@ class Stage:
                 f"{where}: executor: expected None, 'thread', 'process' or a "
                 f"concurrent.futures.Executor, got {ex!r}"
             )
+        is_async = _is_async(self.fn)
+        if is_async and ex not in (None, "thread"):
+            raise ValueError(
+                f"{where}: fn: {self.fn!r} is an async function: it runs on the run's event "
+                f"loop, not on executor={ex!r} (leave executor unset)")
         if self.init is not None:
             if not callable(self.init):
                 raise TypeError(f"{where}: init: expected a callable, got {self.init!r}")
-            if _is_async(self.init):
-                raise TypeError(f"{where}: init: {self.init!r} is an async function; expected "
-                                "a plain function")
+            if _is_async(self.init) and not is_async:
+                raise ValueError(f"{where}: init: {self.init!r} is an async function, which "
+                                 "only an async stage (async def fn) takes: its resource lives "
+                                 "on the run's event loop")
             if ex not in (None, "thread"):
                 raise ValueError(
                     f"{where}: init: only thread stages take init; give a process pool or "
