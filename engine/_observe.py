@@ -199,6 +199,7 @@ class ProgressObserver:
         self._mark = max(1, total // 10) if total else 0
         self._sched: Any = None
         self._own_bar = False
+        self._started = False
         self._broken = False
         self.bar: Any = None
         self.callback: Callable[[Progress], Any] | None = None
@@ -225,6 +226,7 @@ class ProgressObserver:
 
     # -- the observer --------------------------------------------------------------------------
     def start(self, info: RunInfo | None = None) -> None:
+        self._started = True
         self._t0 = time.monotonic()
         self._next = self._t0 + self.interval
         self._next_line = self._t0 + self.line_every
@@ -239,6 +241,8 @@ class ProgressObserver:
                 self.bar.total = self.total
 
     def update(self, results: list[ItemResult], sched: Any) -> None:
+        if not self._started:  # a loop that does not call start(): start with the first step
+            self.start()
         if results:
             self.visible += len(results)
             for r in results:
@@ -288,11 +292,9 @@ class ProgressObserver:
                     return
                 bar.set_postfix_str(self.snapshot(final).postfix(), refresh=False)
                 delta, self._shown = self.visible - self._shown, self.visible
-                if delta and not final:
+                if delta:
                     bar.update(delta)  # redraws when tqdm's own mininterval allows
-                else:  # nothing new: the postfix (in flight) changed; or the last draw
-                    if delta:
-                        bar.n += delta
+                if final or not delta:  # the last draw; or only the postfix (in flight) moved
                     bar.refresh()
             elif final or now >= self._next_line or (self._mark and
                                                      self.visible >= self._next_mark):
@@ -526,8 +528,10 @@ class LogCapture(logging.Handler):
         """The first record whose template starts with ``template`` (at ``level``); fails
         listing what was logged if there is none."""
         found = self.find(template, level)
-        assert found, (f"no {logging.getLevelName(level) if level else ''} record like "
-                       f"{template!r}; logged: {self.templates()!r}")
+        if not found:
+            at = f"{_level_name(level)} " if level is not None else ""
+            raise AssertionError(f"no {at}record like {template!r}; logged: "
+                                 f"{sorted(set(self.templates()))!r}")
         return found[0]
 
     def assert_clean(self, *secrets: str) -> None:
@@ -538,13 +542,18 @@ class LogCapture(logging.Handler):
             if r.exc_info and r.exc_info[1] is not None:
                 text += " " + logging.Formatter().formatException(r.exc_info)
             for s in secrets:
-                assert s not in text, f"log record {r.msg!r} mentions {s!r}"
+                if s in text:
+                    raise AssertionError(f"log record {r.msg!r} mentions {s!r}")
 
     def _at(self, level: int | str | None) -> list[logging.LogRecord]:
         if level is None:
             return list(self.records)
         n = logging.getLevelName(level) if isinstance(level, str) else level
         return [r for r in self.records if r.levelno == n]
+
+
+def _level_name(level: int | str) -> str:
+    return level if isinstance(level, str) else logging.getLevelName(level)
 
 
 @contextlib.contextmanager
