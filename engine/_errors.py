@@ -79,7 +79,10 @@ def parse_retry_after(hint: object, now: float | None = None) -> float | None:
     if hint is None or isinstance(hint, bool):
         return None
     if isinstance(hint, int | float):
-        v = float(hint)
+        try:
+            v = float(hint)
+        except OverflowError:  # an int beyond any float: as long as can be (then capped)
+            v = math.inf
     elif isinstance(hint, bytes | str):
         text = hint.decode("latin-1") if isinstance(hint, bytes) else hint
         text = text.strip()

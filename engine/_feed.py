@@ -19,6 +19,10 @@ from typing import Any
 __all__ = ["Feed", "SyncFeed", "ThreadFeed"]
 
 Key = Callable[[Any], Hashable] | None
+Lookup = Callable[[list[Hashable]], list[Any]] | None  # keys -> ledger entries (or None)
+Got = tuple[Any, Hashable, Any]  # value, key, ledger entry
+_CHUNK = 64  # keys looked up in the ledger at once
+ABANDON_AFTER = 1.0  # seconds a closing run waits for a feeder blocked in next()
 
 
 def _key_of(key: Key, value: Any) -> Hashable:
@@ -40,11 +44,12 @@ class Feed:
         """At least ``n`` items can be taken now, or the input ends before that."""
         raise NotImplementedError
 
-    def take(self) -> tuple[Any, Hashable] | None:
-        """The next (value, key), or None when none is available now (see ``exhausted``)."""
+    def take(self) -> Got | None:
+        """The next (value, key, ledger entry), or None when none is available now (see
+        ``exhausted``)."""
         raise NotImplementedError
 
-    def stop(self) -> list[tuple[Any, Hashable]]:
+    def stop(self) -> list[Got]:
         """Read no more (the run is cancelled) and hand back what was read ahead: those items
         were taken from the caller's iterator, so the run reports them (cancelled)."""
         return []
@@ -56,46 +61,49 @@ class Feed:
 class SyncFeed(Feed):
     """Reads the iterator on demand, on the caller's thread."""
 
-    def __init__(self, items: Iterator[Any], key: Key) -> None:
+    def __init__(self, items: Iterator[Any], key: Key, lookup: Lookup = None) -> None:
         self._it = items
         self._key = key
-        self._ahead: deque[tuple[Any, Hashable]] = deque()
+        self._lookup = lookup
+        self._ahead: deque[Got] = deque()
         self.exhausted = False
         self.error = None
         self._ended = False
 
     def _read(self) -> bool:
+        """Read one item (a chunk with a ledger: one lookup per chunk)."""
         if self._ended:
             return False
+        pairs: list[tuple[Any, Hashable]] = []
         try:
-            value = next(self._it)
-        except StopIteration:
-            self._ended = True
-            return False
+            while len(pairs) < (_CHUNK if self._lookup is not None else 1):
+                try:
+                    value = next(self._it)
+                except StopIteration:
+                    self._ended = True
+                    break
+                pairs.append((value, _key_of(self._key, value)))
+            entries = (self._lookup([k for _, k in pairs]) if self._lookup is not None and pairs
+                       else [None] * len(pairs))
         except Exception as exc:
             self._ended = True
             self.error = exc
             return False
-        try:
-            self._ahead.append((value, _key_of(self._key, value)))
-        except Exception as exc:
-            self._ended = True
-            self.error = exc
-            return False
-        return True
+        self._ahead.extend((v, k, e) for (v, k), e in zip(pairs, entries, strict=True))
+        return bool(pairs)
 
     def ready(self, n: int) -> bool:
         while len(self._ahead) < n and self._read():
             pass
         return len(self._ahead) >= n or self._ended
 
-    def stop(self) -> list[tuple[Any, Hashable]]:
+    def stop(self) -> list[Got]:
         self._ended = True
         got, self._ahead = list(self._ahead), deque()
         self.exhausted = True
         return got
 
-    def take(self) -> tuple[Any, Hashable] | None:
+    def take(self) -> Got | None:
         if not self._ahead and not self._read():
             self.exhausted = True
             return None
@@ -109,11 +117,12 @@ class ThreadFeed(Feed):
     """Reads the iterator on a feeder thread, up to ``ahead`` items ahead of admission."""
 
     def __init__(self, items: Iterator[Any], key: Key, ahead: int,
-                 wake: Callable[[], None]) -> None:
+                 wake: Callable[[], None], lookup: Lookup = None) -> None:
         self._it = items
         self._key = key
+        self._lookup = lookup
         self._cap = max(2, ahead)
-        self._buf: deque[tuple[Any, Hashable]] = deque()
+        self._buf: deque[Got] = deque()
         self._cond = threading.Condition(threading.Lock())
         self._wake = wake
         self._starved = False  # the dispatcher found the buffer short: wake it on arrival
@@ -126,38 +135,58 @@ class ThreadFeed(Feed):
         self._thread.start()
 
     def _run(self) -> None:
-        it, key, cond, buf = self._it, self._key, self._cond, self._buf
         error: BaseException | None = None
         try:
-            while True:
-                with cond:
-                    # refill in bursts: wait until the buffer is half empty (one wake-up per
-                    # cap/2 items, not one per item)
-                    while len(buf) >= self._cap and not self._stop:
-                        cond.wait()
-                    if self._stop:
-                        return
-                try:
-                    value = next(it)
-                except StopIteration:
-                    break
-                pair = (value, _key_of(key, value))
-                with cond:
-                    buf.append(pair)  # even when stopping: stop()/close() hand it back
-                    if self._stop:
-                        return
-                    wake = self._starved and len(buf) >= self._want
-                    if wake:
-                        self._starved = False
-                if wake:
-                    self._wake()
+            self._read_all()
         except BaseException as exc:
             error = exc
-        with cond:
+        with self._cond:
             self.error = error
             self._ended = True
             starved = self._starved
         if starved:
+            self._wake()
+
+    def _read_all(self) -> None:
+        it, key, cond, buf, lookup = self._it, self._key, self._cond, self._buf, self._lookup
+        pending: list[tuple[Any, Hashable]] = []  # read, not yet looked up in the ledger
+        while True:
+            with cond:
+                # refill in bursts: wait until the buffer is half empty (one wake-up per
+                # cap/2 items, not one per item)
+                while len(buf) + len(pending) >= self._cap and not self._stop:
+                    if pending:
+                        break
+                    cond.wait()
+                if self._stop:
+                    buf.extend((v, k, None) for v, k in pending)  # stop() hands these back
+                    return
+                low = len(buf) < max(1, self._cap // 4)
+            if pending and (len(pending) >= _CHUNK or low
+                            or len(buf) + len(pending) >= self._cap):
+                self._deliver(pending, lookup)
+                pending = []
+                continue
+            try:
+                value = next(it)
+            except StopIteration:
+                break
+            pair = (value, _key_of(key, value))
+            if lookup is None:
+                self._deliver([pair], None)
+            else:
+                pending.append(pair)
+        if pending:
+            self._deliver(pending, lookup)
+
+    def _deliver(self, pairs: list[tuple[Any, Hashable]], lookup: Lookup) -> None:
+        entries = lookup([k for _, k in pairs]) if lookup is not None else [None] * len(pairs)
+        with self._cond:
+            self._buf.extend((v, k, e) for (v, k), e in zip(pairs, entries, strict=True))
+            wake = self._starved and len(self._buf) >= self._want
+            if wake:
+                self._starved = False
+        if wake:
             self._wake()
 
     def ready(self, n: int) -> bool:
@@ -168,7 +197,7 @@ class ThreadFeed(Feed):
             self._want = min(n, self._cap)
             return False
 
-    def take(self) -> tuple[Any, Hashable] | None:
+    def take(self) -> Got | None:
         with self._cond:
             buf = self._buf
             if not buf:
@@ -185,7 +214,7 @@ class ThreadFeed(Feed):
                 self.exhausted = True
             return got
 
-    def stop(self) -> list[tuple[Any, Hashable]]:
+    def stop(self) -> list[Got]:
         with self._cond:
             self._stop = True
             self._cond.notify()
@@ -199,4 +228,7 @@ class ThreadFeed(Feed):
             self._stop = True
             self._cond.notify()
         if self._thread is not threading.current_thread():
-            self._thread.join()
+            # a feeder blocked in the caller's next() (a page that never comes) must not
+            # hold the run: after a grace period it is left to finish on its own (a daemon
+            # thread), and what that next() returns is dropped
+            self._thread.join(ABANDON_AFTER)

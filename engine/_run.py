@@ -17,11 +17,14 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from ._cancel import CancelToken
-from ._core import Backend
+from ._core import Backend, Policy
+from ._durable import Durable
 from ._feed import Feed, SyncFeed, ThreadFeed
+from ._ledger import Ledger
 from ._live import LiveBackend
 from ._records import ItemResult
 from ._scheduler import Scheduler
@@ -29,18 +32,56 @@ from ._stage import Stage
 from ._strategies import Strategy
 from ._virtual import VirtualBackend
 
-__all__ = ["Clock", "Run"]
+__all__ = ["Clock", "Options", "Run"]
 
 Clock = Literal["live", "virtual"]
+
+
+@dataclass(frozen=True)
+class Options:
+    """How one run goes, as ``Pipeline.run``/``stream`` were asked (validated there)."""
+
+    cancel: CancelToken | None = None
+    clock: Clock = "live"
+    processes: int | None = None
+    progress: Any = False
+    ordered: bool = False
+    ledger: Ledger | None = None
+    retry_failed: bool = False
+    name: str | None = None  # the pipeline's name (a ledger's entries are keyed by it)
+
+
+class _Reorder:
+    """``stream(..., ordered=True)``: results in input order through a bounded buffer;
+    admission waits while it is full, so memory stays bounded."""
+
+    def __init__(self, bound: int) -> None:
+        self.bound = bound
+        self.next = 0
+        self.waiting: dict[int, ItemResult] = {}
+
+    def full(self) -> bool:
+        return len(self.waiting) >= self.bound
+
+    def push(self, batch: list[ItemResult]) -> list[ItemResult]:
+        waiting = self.waiting
+        for r in batch:
+            waiting[r.index] = r
+        out = []
+        while self.next in waiting:
+            out.append(waiting.pop(self.next))
+            self.next += 1
+        return out
 
 
 class Run:
     """One run of a pipeline over some items."""
 
     def __init__(self, stages: tuple[Stage, ...], key: Callable[[Any], Hashable] | None,
-                 items: Iterable[Any], strategy: Strategy, cancel: CancelToken | None,
-                 clock: Clock) -> None:
+                 items: Iterable[Any], strategy: Strategy, options: Options) -> None:
         self.strategy = strategy
+        self.options = options
+        cancel, clock = options.cancel, options.clock
         self.clock = clock
         self.started_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         self.t0 = time.perf_counter()
@@ -58,6 +99,21 @@ class Run:
         self.sched = Scheduler(stages, SyncFeed(iter(()), None), self.token,
                                virtual=clock == "virtual")
         self.policy = strategy.policy(self.sched)
+        if not isinstance(self.policy, Policy):
+            raise TypeError(f"strategy: {strategy!r}.policy() must return an engine.Policy, "
+                            f"got {self.policy!r}")
+        self.durable: Durable | None = None
+        if options.ledger is not None:
+            assert options.name is not None
+            self.durable = Durable(options.ledger, options.name, stages,
+                                   retry_failed=options.retry_failed)
+            self.sched.durable = self.durable
+        self.reorder: _Reorder | None = None
+        if options.ordered:
+            window = getattr(self.policy, "lookahead", 64)
+            self.reorder = _Reorder(max(64, min(window, 1 << 16)))
+            self.sched.hold = self.reorder.full
+        self.observers: list[Any] = []
         self.backend: Backend | None = None  # threads start with the first result asked for
         self.feed: Feed | None = None
         self.closed = False
@@ -76,20 +132,33 @@ class Run:
         if self._cancel is not None:
             self._unlink = self._cancel._on_cancel(self.token.cancel)
         backend: Backend
+        if self.durable is not None:
+            self.durable.open()  # LedgerBusy if another run holds this pipeline's name
         if self.clock == "virtual":
             backend = VirtualBackend(self._stages, self.token, observed=self.observed)
+        elif self.options.processes:
+            from ._procs import ProcessBackend  # multiprocessing: only when asked for
+
+            backend = ProcessBackend(self._stages, self.token, self.options.processes)
         else:
             backend = LiveBackend(self._stages, self.token)
         self.backend = backend
         items = self._items
         ahead = self.policy.lookahead
+        lookup = self.durable.lookup if self.durable is not None else None
         if self.clock == "virtual" or isinstance(items, Sequence | range):
-            self.feed = SyncFeed(iter(items), self._key)  # in memory: nothing to wait for
+            self.feed = SyncFeed(iter(items), self._key, lookup)  # in memory: no waiting
         else:
             assert isinstance(backend, LiveBackend)
-            self.feed = ThreadFeed(iter(items), self._key, ahead, backend.wake)
+            self.feed = ThreadFeed(iter(items), self._key, ahead, backend.wake, lookup)
         self.sched.feed = self.feed
         self.sched.attach(backend, self.policy)
+        if self.options.progress:
+            from ._observe import observers  # tqdm and friends: only when asked for
+
+            self.observers = observers(self.options.progress, self.sched.names,
+                                       len(items) if isinstance(items, Sequence | range)
+                                       else None)
         if isinstance(backend, LiveBackend):
             for st, workers in zip(self.sched.stages, backend.executor_workers, strict=True):
                 st.executor_workers = workers
@@ -124,10 +193,16 @@ class Run:
             with self._sigint():
                 backend = self._start()
                 self.policy.fill()
+            reorder, observers = self.reorder, self.observers
             while True:
-                if sched.out:
+                if sched.out or observers:
                     batch, sched.out = sched.out, []
-                    yield batch
+                    for ob in observers:
+                        ob.update(batch, sched)
+                    if reorder is not None:
+                        batch = reorder.push(batch)
+                    if batch:
+                        yield batch
                 if sched.done:
                     break
                 try:
@@ -173,8 +248,16 @@ class Run:
                 self.sched.drop_unadmitted()  # read while the feeder stopped
                 self.leftover += self.sched.out
                 self.sched.out = []
+            if self.reorder is not None:  # what was held back for order, in order
+                self.leftover = [*sorted(self.reorder.waiting.values(), key=lambda r: r.index),
+                                 *self.leftover]
+                self.reorder.waiting.clear()
             if self._unlink is not None:
                 self._unlink()
+            for ob in self.observers:
+                ob.close(None)
+            if self.durable is not None:
+                self.durable.close()
 
     def raise_pending(self) -> None:
         if self.sched.error is not None:

@@ -26,10 +26,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from ._cancel import CancelToken
 from ._core import Admission, Backend, Policy, _Call, _Item
+from ._durable import Durable
 from ._errors import WorkerLost
 from ._feed import Feed
 from ._records import Attempt, ErrorInfo, ItemResult, StageSpan, StageStats
@@ -76,9 +79,13 @@ class Scheduler(Admission):
         self.stages = [StageState(i, st, virtual=virtual) for i, st in enumerate(stages)]
         self.backend: Backend  # set by attach()
         self.policy: Policy  # set by the run, from its strategy
+        self.durable: Durable | None = None  # the run's ledger, if any
+        self.hold: Callable[[], bool] | None = None  # admission waits while it says so
+        self.posted: deque[tuple[_Item, BaseException | None]] = deque()  # durable writes
 
     def attach(self, backend: Backend, policy: Policy) -> None:
         self.backend = backend
+        self.backend_wake: Callable[[], None] = getattr(backend, "wake", lambda: None)
         self.policy = policy
         now = backend.now()
         for st in self.stages:
@@ -113,18 +120,52 @@ class Scheduler(Admission):
         return self.feed.ready(n) or self.cancel.cancelled
 
     def admit_one(self) -> _Item | None:
-        if self.cancel.cancelled:
+        if self.cancel.cancelled or (self.hold is not None and self.hold()):
             return None
-        got = self.feed.take()
-        if got is None:
-            if self.feed.error is not None:
-                self.fail_run(self.feed.error)
-            return None
-        value, key = got
-        index = self.next_index
-        self.next_index = index + 1
-        self.open += 1
-        return _Item(index, index if key is None else key, value)
+        while True:
+            got = self.feed.take()
+            if got is None:
+                if self.feed.error is not None:
+                    self.fail_run(self.feed.error)
+                return None
+            value, key, entry = got
+            index = self.next_index
+            self.next_index = index + 1
+            self.open += 1
+            item = _Item(index, index if key is None else key, value)
+            if entry is None or not self._restore(item, entry):
+                return item
+            # the ledger had it done (or failed, not replayed): reported now, not run
+
+    def _restore(self, item: _Item, entry: Any) -> bool:
+        """Apply the ledger's entry; True when the item needs no run at all (then it has
+        been emitted). A resumed item goes on from the stage after its last checkpoint."""
+        durable = self.durable
+        assert durable is not None
+        try:
+            restored = durable.restore(entry)
+        except Exception as exc:  # a payload the codec cannot decode: that item fails
+            item.error = ErrorInfo.from_exception(self.names[0], exc)
+            item.status = "failed"
+            self.emit((item,), record=False)
+            return True
+        if restored is None:
+            return False
+        now = self.backend.now()
+        if restored.kind == "failed":
+            item.status, item.error = "failed", restored.error
+            self.emit((item,), record=False)
+            return True
+        item.spans = durable.spans(restored.stage, now)
+        for s in range(restored.stage + 1):
+            self.stages[s].resumed += 1
+        item.value = restored.value
+        if restored.kind == "done":
+            item.status = "ok"
+            self.emit((item,), record=False)
+            return True
+        item.stage = restored.stage  # advance() moves it on to the next stage
+        return False
 
     def advance(self, item: _Item) -> None:
         """Queue ``item`` for its next stage (the first after admission), first attempt there.
@@ -136,16 +177,24 @@ class Scheduler(Admission):
         if st.plain and st.running < st.limit and not st.waiting and not self.cancel.cancelled:
             self._start_plain(st, item)  # the hot path: a free slot, nothing to consult
         else:
+            if st.gated_at >= 0.0:
+                st.gate_closed(item.queued_at)  # the queue grows while gated
             st.waiting.append(item)
             self._pump(st)
 
     def drop(self, item: _Item) -> None:
         item.status = "cancelled"
 
-    def emit(self, items: tuple[_Item, ...] | list[_Item]) -> None:
+    def emit(self, items: tuple[_Item, ...] | list[_Item], *, record: bool = True) -> None:
         now = self.backend.now()
         out = self.out
+        durable = self.durable
         for it in items:
+            if durable is not None and record:  # the ledger learns how it ended
+                if it.status == "ok":
+                    durable.done(it.key)
+                elif it.status == "failed" and it.error is not None:
+                    durable.failed(it.key, it.error)
             status = it.status
             visible = None if status == "cancelled" else now
             out.append(ItemResult(it.index, it.key, status,  # type: ignore[arg-type]
@@ -159,7 +208,9 @@ class Scheduler(Admission):
     # -- stage queues and slots ----------------------------------------------------------------
     def _enqueue(self, item: _Item) -> None:
         st = self.stages[item.stage]
-        item.queued_at = self.backend.now()
+        item.queued_at = now = self.backend.now()
+        if st.gated_at >= 0.0:
+            st.gate_closed(now)  # the queue grows while gated: account the interval so far
         st.waiting.append(item)
         self._pump(st)
 
@@ -190,8 +241,15 @@ class Scheduler(Admission):
             st.head = None
             if call.hedge:
                 due.popleft()
-            else:
+            elif waiting[0] is call.item:
                 waiting.popleft()
+            else:  # a retry took the head of the queue meanwhile: start that one first
+                if call.estimate is not None and st.budget is not None:
+                    st.budget.settle(call.estimate, {k: 0.0 for k in call.estimate},
+                                     self.backend.budget_now())  # give the reservation back
+                if st.bucket is not None:
+                    st.bucket.give_back()
+                continue
             self._start(st, call)
 
     def _start_plain(self, st: StageState, item: _Item) -> None:
@@ -237,8 +295,7 @@ class Scheduler(Admission):
         if wait <= 0.0:
             st.gate_opened(now)
             return True
-        if st.gated_at < 0.0:
-            st.gated_at = now
+        st.gate_closed(now)
         st.wake_at = now + wait
         backend.call_later(wait, st)
         return False
@@ -281,7 +338,7 @@ class Scheduler(Admission):
         read = self.feed.stop()
         if read:
             items = []
-            for value, key in read:
+            for value, key, _ in read:
                 index = self.next_index
                 self.next_index = index + 1
                 self.open += 1
@@ -292,7 +349,15 @@ class Scheduler(Admission):
 
     # -- called by the backend -----------------------------------------------------------------
     def after_events(self) -> None:
-        """After a backend has reported a batch of events: admit what the policy allows."""
+        """After a backend has reported a batch of events: move on the items whose checkpoint
+        became durable, then admit what the policy allows."""
+        posted = self.posted
+        while posted:
+            item, error = posted.popleft()
+            self._durable_done(item, error)
+        feed = self.feed
+        if feed.exhausted and feed.error is not None and self.error is None:
+            self.fail_run(feed.error)  # the input broke after its last item was admitted
         if self.cancel.cancelled:
             self._drain()
         elif not self.feed.exhausted:
@@ -315,7 +380,11 @@ class Scheduler(Admission):
         else:
             st = self.stages[obj.stage]
             obj.queued_at = self.backend.now()
+            if st.gated_at >= 0.0:
+                st.gate_closed(obj.queued_at)
             st.waiting.appendleft(obj)
+            if st.head is not None and not st.head.hedge:
+                st.head = None  # the call prepared for the old head waits behind it now
             self._pump(st)
 
     def _hedge_due(self, call: _Call, obj_is_late: bool = False) -> None:
@@ -397,6 +466,46 @@ class Scheduler(Admission):
         item.error = err
         self._finish(item, "cancelled" if self.cancel.cancelled else "failed")
 
+    def _move_on(self, item: _Item) -> None:
+        """``item`` left its stage with a value: the next stage, or the end."""
+        if item.stage == self.last:
+            item.status = "ok"
+            self.policy.item_done(item)
+        elif self.cancel.cancelled:
+            item.status = "cancelled"
+            self.policy.item_done(item)
+        else:
+            self.policy.stage_done(item)
+
+    def _checkpoint(self, st: StageState, item: _Item) -> None:
+        """Record a checkpointed stage's output; the item moves on once it is durable (live:
+        the ledger's writer posts it back; virtual: at once, the run's end flushes)."""
+        durable = self.durable
+        assert durable is not None
+        posted, wake = self.posted, self.backend_wake
+        try:
+            if self.virtual:
+                durable.checkpoint(item.key, item.stage, item.value, None)
+            else:
+                def on_durable(error: BaseException | None) -> None:  # the writer's thread
+                    posted.append((item, error))
+                    wake()
+
+                durable.checkpoint(item.key, item.stage, item.value, on_durable)
+                return
+        except Exception as exc:  # CodecError: the output cannot be recorded; LedgerError
+            item.error = ErrorInfo.from_exception(st.name, exc)
+            self._finish(item, "failed")
+            return
+        self._move_on(item)
+
+    def _durable_done(self, item: _Item, error: BaseException | None) -> None:
+        if error is not None:
+            item.error = ErrorInfo.from_exception(self.names[item.stage], error)
+            self._finish(item, "failed")
+        else:
+            self._move_on(item)
+
     def _arm(self, st: StageState) -> None:
         """The stage's hedge delay is known now: arm the calls that started before it was."""
         assert st.hedge is not None
@@ -419,14 +528,7 @@ class Scheduler(Admission):
                                            (_new(Attempt, (start, end, None, False, False,
                                                            None)),), False)))
         item.value = result
-        if item.stage == self.last:
-            item.status = "ok"
-            self.policy.item_done(item)
-        elif self.cancel.cancelled:
-            item.status = "cancelled"
-            self.policy.item_done(item)
-        else:
-            self.policy.stage_done(item)
+        self._move_on(item)
 
     def _won(self, st: StageState, call: _Call, start: float, end: float, result: Any,
              cost: dict[str, float] | None) -> None:
@@ -456,14 +558,10 @@ class Scheduler(Admission):
         item.calls.append(winner)
         item.value = result
         self._close_span(item, winner)
-        if item.stage == self.last:
-            item.status = "ok"
-            self.policy.item_done(item)
-        elif self.cancel.cancelled:
-            item.status = "cancelled"
-            self.policy.item_done(item)
-        else:
-            self.policy.stage_done(item)
+        if self.durable is not None and self.durable.checkpointed(item.stage):
+            self._checkpoint(st, item)
+            return
+        self._move_on(item)
 
     def _should_retry(self, st: StageState, error: BaseException, attempt: int) -> bool:
         if isinstance(error, WorkerLost) and _LOST_RETRY.should_retry(error, attempt):

@@ -43,6 +43,13 @@ def usage_tokens(result: Any) -> float | None:
     return float(n)
 
 
+def _attr(obj: Any, name: str) -> Any:
+    try:
+        return getattr(obj, name, None)
+    except Exception:   # a property that raises says nothing
+        return None
+
+
 class StageState:
     """One stage in one run: its queue, slots, limit, gates and counters."""
 
@@ -65,7 +72,8 @@ class StageState:
         self.codec = (stage.codec or DEFAULT_CODEC) if stage.checkpoint else None
         self.gated = stage.rate_limit is not None or self.budget is not None
         # nothing but slots to consult: the scheduler's hot path
-        self.plain = not self.gated and self.hedge is None and not isinstance(c, Adaptive)
+        self.plain = (not self.gated and self.hedge is None and not isinstance(c, Adaptive)
+                      and not stage.checkpoint)
         self.waiting: deque[_Item] = deque()  # FIFO of items that arrived here
         self.hedge_due: deque[_Call] = deque()  # attempts due a hedge: ahead of the queue
         self.unarmed: list[_Call] = []  # started before the hedge delay was known
@@ -133,7 +141,15 @@ class StageState:
                 return wait
         return 0.0
 
+    def gate_closed(self, now: float) -> None:
+        """The head of the queue waits at a gate from ``now`` (or still does: the queue
+        changed, so account for the interval so far and start a new one)."""
+        self.gate_opened(now)
+        self.gated_at = now
+
     def gate_opened(self, now: float) -> None:
+        """Item-seconds waited at the gate since it closed, by the items queued meanwhile
+        (each counted from when it was there: the mark moves whenever the gate is asked)."""
         if self.gated_at >= 0.0:
             waited = (now - self.gated_at) * (len(self.waiting) + len(self.hedge_due))
             self.limit_wait += waited
@@ -168,6 +184,10 @@ class StageState:
         return cost
 
     def _maybe_pause(self, budget: Budget, error: Any, budget_now: float) -> None:
+        remaining, reset = _attr(error, "remaining"), _attr(error, "reset")
+        if isinstance(remaining, Mapping):  # the provider's own count: resync to it
+            budget.update(remaining=remaining,
+                          reset_s=reset if isinstance(reset, Mapping) else None, now=budget_now)
         hint = retry_after_of(error)
         if hint is not None and hint > 0:
             hint = min(hint, 3600.0)
@@ -186,7 +206,9 @@ class StageState:
         ctl = self.adaptive
         if ctl is None:
             return
-        saturated = bool(self.waiting) or self.running + 1 >= self.limit
+        # saturated: the call ran with the stage at its limit (items queued behind a budget
+        # or rate limit say nothing about the service's capacity: the limit does not bind)
+        saturated = self.running + 1 >= self.limit
         if ctl.on_end(now, start, overloaded, saturated):
             old, self.limit = self.limit, ctl.limit
             log.debug("stage %r: limit %d -> %d", self.name, old, self.limit)

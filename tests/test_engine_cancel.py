@@ -197,12 +197,6 @@ def _slow_pages(pulled: list[int]):
         yield i
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine: engine/_run.py Run.close() calls ThreadFeed.close(), which joins the feeder "
-    "thread while it is blocked in the caller's next() (engine/_feed.py): a cancel or a first "
-    "Ctrl-C while the input blocks returns only when that next() does (10 s here). A design "
-    "choice to settle: wait (and report the item it yields) or stop waiting (daemon feeder, "
-    "join with a timeout, the late item unreported)"))
 @pytest.mark.timeout(30, method="thread")
 def test_cancel_while_the_input_blocks_returns_promptly() -> None:
     token = CancelToken()

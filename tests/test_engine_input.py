@@ -49,28 +49,12 @@ SOURCES = ["list", "generator", "iterator"]
 CLOCKS = ["live", "virtual"]
 
 
-LOST_ERROR = (
-    "engine bug: engine/_feed.py ThreadFeed.take sets exhausted=True when it hands over the "
-    "last item read before the error, and the scheduler only looks at feed.error when take() "
-    "returns None (Scheduler.admit_one); ContinuousPolicy.fill (and Scheduler.after_events) "
-    "stop calling admit_one once sched.exhausted, so when the window is full at that moment "
-    "the error is dropped and the run returns a truncated report")
-
-
-def _lost_error_expected(request, strategy, source, clock) -> None:
-    """The window (3) is full when item 4, the last before the error at 5, is taken."""
-    if (clock == "live" and source != "list" and strategy.name == "continuous"
-            and strategy.max_in_flight == 3):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=LOST_ERROR))
-
-
 @pytest.mark.timeout(20, method="thread")
 @pytest.mark.parametrize("clock", CLOCKS)
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("strategy", STRATS, ids=lambda s: f"{s.name}-{s.params}")
 def test_key_raising_stop_iteration_is_the_runs_error(request, strategy, source, clock) -> None:
     """Not 5 of 10 items and no error: a RuntimeError chained to the StopIteration."""
-    _lost_error_expected(request, strategy, source, clock)
     p = Pipeline([Stage("s", Echo(), 2)], key=key_stops_at_5)
     with pytest.raises(RuntimeError, match="StopIteration") as info:
         p.run(_source(source), strategy, clock=clock)
@@ -95,7 +79,6 @@ def test_key_raising_stop_iteration_in_stream(source, clock) -> None:
 @pytest.mark.parametrize("source", SOURCES)
 @pytest.mark.parametrize("strategy", STRATS, ids=lambda s: f"{s.name}-{s.params}")
 def test_key_raising_anything_is_the_runs_error(request, strategy, source, clock) -> None:
-    _lost_error_expected(request, strategy, source, clock)
     with pytest.raises(LookupError, match="no id field"):
         Pipeline([Stage("s", Echo(), 2)], key=key_fails_at_5).run(
             _source(source), strategy, clock=clock)
@@ -121,7 +104,6 @@ class BrokenIterator:
 @pytest.mark.parametrize("clock", CLOCKS)
 @pytest.mark.parametrize("strategy", STRATS, ids=lambda s: f"{s.name}-{s.params}")
 def test_input_iterator_raising_is_the_runs_error(request, strategy, clock) -> None:
-    _lost_error_expected(request, strategy, "iterator", clock)
     exc = ConnectionResetError("page 3 failed")
     with pytest.raises(ConnectionResetError) as info:
         Pipeline([Stage("s", Echo(), 2)]).run(BrokenIterator(7, exc), strategy, clock=clock)
@@ -151,8 +133,6 @@ def test_long_input_failing_half_way_is_the_runs_error(request, clock, strategy,
                                                       failure) -> None:
     """The issue's case at the default window: 300 items, the input or key fails at 150.
     The run must raise, never return a report of 150 items as if the input had ended."""
-    if clock == "live" and strategy.name == "continuous" and strategy.max_in_flight is not None:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=LOST_ERROR))
     items = failing_pages(300, 150) if failure == "input" else iter(range(300))
     p = Pipeline([Stage("s", Echo(), 4)], key=key_stops_at_150 if failure == "key" else None)
     expected = ConnectionResetError if failure == "input" else RuntimeError

@@ -216,11 +216,6 @@ class Staggered:
         return Simulated(0.1 * call.index, value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: engine/_scheduler.py Scheduler._gate adds (now - gated_at) * len(waiting) "
-    "when the gate opens, charging items that joined the queue during the gated interval for "
-    "the whole interval: limit_wait_s exceeds queue_wait_s and report.text() prints a "
-    "negative wait for a slot"))
 def test_limit_wait_is_part_of_queue_wait_when_items_arrive_one_by_one() -> None:
     from engine import RateLimit
 

@@ -107,11 +107,6 @@ def test_ctrl_c_in_the_callers_code_raises_there(work: str, clock: str) -> None:
     assert json.loads(out[-1]) == {"threads": 1}, (out, err)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: engine/_pipeline.py Pipeline.run calls on_result outside the engine's SIGINT "
-    "handler (right) but catches only Exception around it: the KeyboardInterrupt raised in "
-    "the callback propagates out of run() after settling without the .report that a Ctrl-C "
-    "elsewhere in run() carries"))
 def test_ctrl_c_in_on_result_raises_from_run_with_the_report() -> None:
     """``on_result`` is the caller's code too: Ctrl-C there is raised by ``run()`` promptly."""
     child = Child("""

@@ -5,12 +5,18 @@
 * ``HttpFetch`` -- GET a contact's messages over ``requests`` (a Session per worker thread).
 * ``LLMAnalyze`` -- classify a contact over the ``openai`` client (JSON-schema output).
 * ``PostgresStore`` -- ``save`` and ``assign`` over ``psycopg2`` (pooled, upserts, schema).
+* ``AsyncHttpFetch`` / ``AsyncLLMAnalyze`` -- the same stages as ``async def`` callables, over
+  ``httpx2.AsyncClient`` and ``openai.AsyncOpenAI`` (one client per event loop).
+* ``LLMAnalyze(..., budget=b)`` resyncs ``b`` from every response's ``x-ratelimit-*`` headers
+  and charges the actual usage; ``Stage("analyze", llm, budget=b, cost=llm.estimate)``.
 * ``TransientError`` / ``PermanentError`` -- what every adapter raises; retry only
   ``RETRYABLE`` (``RetryPolicy(retry_on=RETRYABLE)``), so a 404 or a malformed answer fails the
   item at once while 429/5xx/timeouts are retried, honouring ``retry_after``.
 
-This package imports requests, openai and psycopg2; ``import engine`` alone does not.
+This package imports requests, openai (and its httpx2) and psycopg2; ``import engine`` alone
+does not.
 """
+from ._async import AsyncHttpFetch, AsyncLLMAnalyze
 from ._errors import RETRYABLE, AdapterError, PermanentError, TransientError, parse_retry_after
 from ._records import (
     PIPELINE_STAGES,
@@ -23,11 +29,18 @@ from ._records import (
     contact_id,
 )
 from .http import HttpFetch
-from .llm import ANALYSIS_SCHEMA, LLMAnalyze, MalformedOutputError, parse_analysis
+from .llm import (
+    ANALYSIS_SCHEMA,
+    DEFAULT_OUTPUT_ESTIMATE,
+    LLMAnalyze,
+    MalformedOutputError,
+    parse_analysis,
+)
 from .postgres import SCHEMA, PostgresStore, redact_dsn
 
 __all__ = [
     "ANALYSIS_SCHEMA",
+    "DEFAULT_OUTPUT_ESTIMATE",
     "PIPELINE_STAGES",
     "RETRYABLE",
     "SCHEMA",
@@ -35,6 +48,8 @@ __all__ = [
     "Analysis",
     "Analyzed",
     "Assignment",
+    "AsyncHttpFetch",
+    "AsyncLLMAnalyze",
     "Contact",
     "Fetched",
     "HttpFetch",

@@ -26,6 +26,9 @@ Errors (see ``_errors``)
 Use ``RetryPolicy(retry_on=RETRYABLE)`` so permanent errors fail the item without retries.
 Error messages name the method, status and URL path -- never headers (which may hold a token)
 or the query string.
+
+``AsyncHttpFetch`` (``engine.adapters._async``) is the same stage over ``httpx2.AsyncClient``
+(the HTTP client the openai SDK itself is built on), with the same errors.
 """
 from __future__ import annotations
 
@@ -129,15 +132,8 @@ class HttpFetch:
     # -- calls ----------------------------------------------------------------------------------
     def __call__(self, item: Contact | int) -> Fetched:
         cid = contact_id(item)
-        contact = item if isinstance(item, Contact) else Contact(id=cid)
-        body = self.get_json(self._template.format(id=cid))
-        messages = body.get("messages") if isinstance(body, dict) else body
-        if not isinstance(messages, list):
-            raise PermanentError(
-                f"GET {_path(self._template.format(id=cid))}: expected a JSON list of messages "
-                f"or an object with 'messages', got {truncate(json.dumps(body), 200)}"
-            )
-        return Fetched(contact=contact, messages=tuple(messages))
+        url = self._template.format(id=cid)
+        return _fetched(item, cid, url, self.get_json(url))
 
     def get_json(self, url: str) -> Any:
         """GET ``url`` and return its decoded JSON body, or raise Transient/PermanentError."""
@@ -152,26 +148,45 @@ class HttpFetch:
                 from exc
         except requests.RequestException as exc:  # invalid URL and the like: config errors
             raise PermanentError(f"GET {_path(url)}: {type(exc).__name__}") from exc
-        status = resp.status_code
-        if status >= 500 or status in _TRANSIENT_STATUS:
-            retry_after = retry_after_from(resp.headers, scale=self._retry_after_scale)
-            hint = f", retry after {retry_after:g}s" if retry_after is not None else ""
-            raise TransientError(f"GET {_path(url)}: HTTP {status} {resp.reason}{hint}",
-                                 retry_after=retry_after, status=status)
-        if status >= 400:
-            raise PermanentError(
-                f"GET {_path(url)}: HTTP {status} {resp.reason}: "
-                f"{truncate(content.decode('utf-8', 'replace'), 200)}", status=status)
-        text = content.decode("utf-8", "replace")
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            # Complete (Content-Length matched) but not JSON: a truncating proxy or a server
-            # glitch far more often than a body that will never parse, so it is retried; a
-            # server that always answers garbage costs `attempts` calls, then the item fails.
-            raise TransientError(
-                f"GET {_path(url)}: HTTP {status} body is not JSON ({exc}): "
-                f"{truncate(text, 200)!r}", status=status) from None
+        return _decode(url, resp.status_code, resp.reason, resp.headers, content,
+                       self._retry_after_scale)
+
+
+def _fetched(item: Contact | int, cid: int, url: str, body: Any) -> Fetched:
+    """The ``Fetched`` of a decoded body: a JSON list of messages or ``{"messages": [...]}``."""
+    contact = item if isinstance(item, Contact) else Contact(id=cid)
+    messages = body.get("messages") if isinstance(body, dict) else body
+    if not isinstance(messages, list):
+        raise PermanentError(
+            f"GET {_path(url)}: expected a JSON list of messages "
+            f"or an object with 'messages', got {truncate(json.dumps(body), 200)}"
+        )
+    return Fetched(contact=contact, messages=tuple(messages))
+
+
+def _decode(url: str, status: int, reason: str, headers: Mapping[str, str], content: bytes,
+            retry_after_scale: float) -> Any:
+    """A complete response's JSON body, or the Transient/PermanentError its status says
+    (shared by ``HttpFetch`` and ``AsyncHttpFetch``)."""
+    if status >= 500 or status in _TRANSIENT_STATUS:
+        retry_after = retry_after_from(headers, scale=retry_after_scale)
+        hint = f", retry after {retry_after:g}s" if retry_after is not None else ""
+        raise TransientError(f"GET {_path(url)}: HTTP {status} {reason}{hint}",
+                             retry_after=retry_after, status=status)
+    if status >= 400:
+        raise PermanentError(
+            f"GET {_path(url)}: HTTP {status} {reason}: "
+            f"{truncate(content.decode('utf-8', 'replace'), 200)}", status=status)
+    text = content.decode("utf-8", "replace")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        # Complete (Content-Length matched) but not JSON: a truncating proxy or a server
+        # glitch far more often than a body that will never parse, so it is retried; a
+        # server that always answers garbage costs `attempts` calls, then the item fails.
+        raise TransientError(
+            f"GET {_path(url)}: HTTP {status} body is not JSON ({exc}): "
+            f"{truncate(text, 200)!r}", status=status) from None
 
 
 def _path(url: str) -> str:
