@@ -1,0 +1,288 @@
+"""Async variants of the adapters, for ``async def`` stages (DESIGN §13): one event loop runs
+thousands of calls in flight without a thread each.
+
+* ``AsyncLLMAnalyze`` -- ``LLMAnalyze`` over ``openai.AsyncOpenAI``: the same prompt, request,
+  ``estimate``, budget feeding (``x-ratelimit-*`` of every response through the raw-response
+  API), usage charge, errors and scrubbing; ``await llm(fetched)`` gives the same ``Analyzed``.
+* ``AsyncHttpFetch`` -- ``HttpFetch`` over ``httpx2.AsyncClient`` (the HTTP client the openai
+  SDK is built on, so no new dependency): the same URL template, decoding and errors.
+
+One client per event loop
+-------------------------
+An async HTTP client's connections belong to the event loop that opened them; used from another
+loop (a second ``asyncio.run``, the next run's loop) it fails with "Event loop is closed". So
+each adapter keeps one client per running loop, created on the loop's first call, with a
+connection pool of ``concurrency`` keep-alive connections (the stage limit: every coroutine in
+flight has its connection). Clients of loops that have closed are dropped when the next one is
+created. ``await adapter.aclose()`` (or ``async with``) closes the current loop's client;
+``close()`` closes every client it still can, from any thread. After either, calls raise
+``RuntimeError``. A caller's own ``AsyncOpenAI`` (``client=``) is used as it is, on whatever loop
+the caller runs it (its retries turned off).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
+
+import httpx2
+import openai
+
+from .._budget import Budget
+from ._errors import PermanentError, TransientError
+from ._records import Analysis, Analyzed, Contact, Fetched, contact_id
+from .http import _decode, _fetched, _path
+from .llm import DEFAULT_OUTPUT_ESTIMATE, _LLMBase
+
+__all__ = ["AsyncHttpFetch", "AsyncLLMAnalyze"]
+
+C = TypeVar("C")
+
+
+class _PerLoop(Generic[C]):
+    """One client per running event loop (see the module's docstring)."""
+
+    def __init__(self, owner: str, make: Callable[[], C],
+                 close: Callable[[C], Awaitable[None]]) -> None:
+        self._owner = owner
+        self._make = make
+        self._close = close
+        self._clients: dict[asyncio.AbstractEventLoop, C] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def get(self) -> C:
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is not None:
+            return client
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self._owner} is closed")
+            client = self._clients.get(loop)
+            if client is None:
+                # a closed loop's client can no longer be closed properly: let it go
+                for dead in [lp for lp in self._clients if lp.is_closed()]:
+                    del self._clients[dead]
+                client = self._clients[loop] = self._make()
+        return client
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    async def aclose(self) -> None:
+        """Close the running loop's client (the others as :meth:`close` does)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._closed = True
+            mine = self._clients.pop(loop, None)
+        if mine is not None:
+            await self._close(mine)
+        self.close()
+
+    def close(self) -> None:
+        """Close every client that can still be closed: a loop's that runs on another thread
+        (waiting for it), an idle loop's (running it), the current thread's running loop's
+        (scheduled on it); a closed loop's client is dropped."""
+        with self._lock:
+            self._closed = True
+            clients, self._clients = list(self._clients.items()), {}
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for loop, client in clients:
+            if loop.is_closed():
+                continue
+            if loop is current:
+                loop.create_task(self._aclose_quietly(client))
+            elif loop.is_running():
+                fut = asyncio.run_coroutine_threadsafe(self._aclose_quietly(client), loop)
+                try:
+                    fut.result(timeout=5.0)
+                except Exception:
+                    fut.cancel()
+            else:
+                with contextlib.suppress(Exception):  # e.g. the loop started meanwhile
+                    loop.run_until_complete(self._aclose_quietly(client))
+
+    async def _aclose_quietly(self, client: C) -> None:
+        with contextlib.suppress(Exception):
+            await self._close(client)
+
+
+class AsyncLLMAnalyze(_LLMBase):
+    """Stage callable ``async (Fetched) -> Analyzed`` over ``openai.AsyncOpenAI``.
+
+    The arguments, ``estimate``, budget feeding, usage charge and errors are
+    :class:`~engine.adapters.LLMAnalyze`'s; ``concurrency`` sizes each event loop's connection
+    pool (one coroutine, one connection)::
+
+        llm = AsyncLLMAnalyze(base_url=..., api_key=..., model=..., budget=openai_budget)
+        Stage("analyze", llm, concurrency=200, budget=openai_budget, cost=llm.estimate)
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        api_key: str,
+        model: str,
+        timeout: float = 60.0,
+        concurrency: int = 50,
+        max_input_chars: int = 12_000,
+        max_output_tokens: int | None = DEFAULT_OUTPUT_ESTIMATE,
+        temperature: float | None = 0.0,
+        retry_after_scale: float = 1.0,
+        budget: Budget | None = None,
+        client: openai.AsyncOpenAI | None = None,
+    ) -> None:
+        super().__init__(api_key=api_key, model=model, concurrency=concurrency,
+                         max_input_chars=max_input_chars, max_output_tokens=max_output_tokens,
+                         temperature=temperature, retry_after_scale=retry_after_scale,
+                         budget=budget)
+        self._base_url = base_url
+        self._timeout = timeout
+        # a caller's client: keep its settings, but never let it retry on its own
+        self._own = client.with_options(max_retries=0) if client is not None else None
+        self._clients: _PerLoop[openai.AsyncOpenAI] = _PerLoop(
+            type(self).__name__, self._new_client, _close_openai)
+
+    def _new_client(self) -> openai.AsyncOpenAI:
+        limits = type(openai.DEFAULT_CONNECTION_LIMITS)(
+            max_connections=self._concurrency, max_keepalive_connections=self._concurrency)
+        return openai.AsyncOpenAI(
+            api_key=self._api_key, base_url=self._base_url, timeout=self._timeout,
+            max_retries=0,
+            http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=self._timeout),
+        )
+
+    def client(self) -> openai.AsyncOpenAI:
+        """The running event loop's client (created on first use)."""
+        return self._own if self._own is not None else self._clients.get()
+
+    async def aclose(self) -> None:
+        if self._own is not None:
+            await self._own.close()
+        await self._clients.aclose()
+
+    def close(self) -> None:
+        self._clients.close()
+
+    async def __aenter__(self) -> AsyncLLMAnalyze:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- calls ----------------------------------------------------------------------------------
+    async def __call__(self, fetched: Fetched) -> Analyzed:
+        return self._analyzed(fetched, await self.analyze(self.prompt(fetched)))
+
+    async def analyze(self, user_text: str) -> Analysis:
+        """One chat completion; returns the parsed ``Analysis`` or raises an adapter error."""
+        try:
+            raw = await self.client().chat.completions.with_raw_response.create(
+                **self._create_kwargs(user_text))
+            self._feed(raw.headers)
+            completion = raw.parse()
+        except Exception as exc:
+            self._raise_error(exc)
+        return self._result(completion)
+
+
+async def _close_openai(client: openai.AsyncOpenAI) -> None:
+    await client.close()
+
+
+async def _close_httpx(client: httpx2.AsyncClient) -> None:
+    await client.aclose()
+
+
+class AsyncHttpFetch:
+    """Stage callable ``async (Contact | int) -> Fetched``: GET ``base_url + path.format(id=...)``
+    over ``httpx2.AsyncClient``.
+
+    The arguments and errors are :class:`~engine.adapters.HttpFetch`'s (``timeout`` is
+    ``(connect, read)`` seconds; writes get the read timeout, and so does waiting for a pooled
+    connection, a ``TransientError`` if it runs out); redirects are followed as requests does.
+    ``concurrency`` sizes each event loop's connection pool: give it the stage's limit.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        path: str = "/contacts/{id}/messages",
+        timeout: tuple[float, float] = (3.05, 30.0),
+        headers: Mapping[str, str] | None = None,
+        retry_after_scale: float = 1.0,
+        trust_env: bool = True,
+        concurrency: int = 100,
+    ) -> None:
+        parts = urlsplit(base_url)
+        name = type(self).__name__
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"{name}.base_url: expected an http(s) URL, got {base_url!r}")
+        if "{id}" not in path:
+            raise ValueError(f"{name}.path: expected a template with '{{id}}', got {path!r}")
+        if len(timeout) != 2 or min(timeout) <= 0:
+            raise ValueError(f"{name}.timeout: expected (connect, read) > 0, got {timeout!r}")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"{name}.concurrency: expected an int >= 1, got {concurrency!r}")
+        self._template = base_url.rstrip("/") + "/" + path.lstrip("/")
+        connect, read = float(timeout[0]), float(timeout[1])
+        self._timeout = httpx2.Timeout(connect=connect, read=read, write=read, pool=read)
+        self._headers = {"Accept": "application/json", **(headers or {})}
+        self._retry_after_scale = retry_after_scale
+        self._trust_env = trust_env
+        self._concurrency = concurrency
+        self._clients: _PerLoop[httpx2.AsyncClient] = _PerLoop(
+            name, self._new_client, _close_httpx)
+
+    def _new_client(self) -> httpx2.AsyncClient:
+        # No transport retries: the engine's RetryPolicy is the only retry loop.
+        limits = httpx2.Limits(max_connections=self._concurrency,
+                               max_keepalive_connections=self._concurrency)
+        return httpx2.AsyncClient(headers=self._headers, timeout=self._timeout, limits=limits,
+                                  trust_env=self._trust_env, follow_redirects=True)
+
+    def client(self) -> httpx2.AsyncClient:
+        """The running event loop's client (created on first use)."""
+        return self._clients.get()
+
+    async def aclose(self) -> None:
+        await self._clients.aclose()
+
+    def close(self) -> None:
+        self._clients.close()
+
+    async def __aenter__(self) -> AsyncHttpFetch:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- calls ----------------------------------------------------------------------------------
+    async def __call__(self, item: Contact | int) -> Fetched:
+        cid = contact_id(item)
+        url = self._template.format(id=cid)
+        return _fetched(item, cid, url, await self.get_json(url))
+
+    async def get_json(self, url: str) -> Any:
+        """GET ``url`` and return its decoded JSON body, or raise Transient/PermanentError."""
+        try:
+            resp = await self.client().get(url)  # the whole body is read here: a drop too
+        except httpx2.TimeoutException as exc:
+            raise TransientError(f"GET {_path(url)}: timed out ({type(exc).__name__})") from exc
+        except (httpx2.NetworkError, httpx2.RemoteProtocolError, httpx2.ProxyError,
+                httpx2.DecodingError) as exc:
+            raise TransientError(f"GET {_path(url)}: connection failed ({type(exc).__name__})") \
+                from exc
+        except (httpx2.HTTPError, httpx2.InvalidURL) as exc:  # bad URL, scheme: config errors
+            raise PermanentError(f"GET {_path(url)}: {type(exc).__name__}") from exc
+        return _decode(url, resp.status_code, resp.reason_phrase, resp.headers, resp.content,
+                       self._retry_after_scale)
