@@ -1,7 +1,25 @@
 #!/usr/bin/env bash
-# Engine overhead micro-benchmarks (pytest-benchmark); JSON saved under results/benchmarks/.
+# The pytest-benchmark suite, twice where the build matters:
+#   1. everything on the sources as written (.venv, what ./test.sh tests)
+#        -> results/benchmarks/engine.json
+#   2. the engine's own overhead (no-op throughput, virtual clock, flow control) on the
+#      compiled hot path (.venv-compiled, CONVEYOR_COMPILE=1: see setup.py)
+#        -> results/benchmarks/engine-compiled.json
+# Extra arguments go to both pytest runs (e.g. -k virtual). CONVEYOR_BENCH_COMPILED=0 skips 2.
 set -euo pipefail
 cd "$(dirname "$0")"
 mkdir -p results/benchmarks
-exec ./test.sh tests/benchmarks -p no:randomly --benchmark-enable --benchmark-only \
+. scripts/venv.sh
+. scripts/compiled.sh
+ensure_venv "[dev]" "engine pytest hypothesis pytest_timeout stagepipe"
+.venv/bin/python -m pytest tests/benchmarks -p no:randomly --benchmark-enable --benchmark-only \
   --benchmark-json=results/benchmarks/engine.json "$@"
+if [ "${CONVEYOR_BENCH_COMPILED:-1}" != "0" ]; then
+  ensure_compiled_venv
+  .venv-compiled/bin/python -c "import engine, sys; sys.exit(0 if engine.COMPILED else 'bench: the compiled build did not compile')"
+  # -P: the checkout is not put on sys.path, so `import engine` is the compiled install
+  .venv-compiled/bin/python -P -m pytest tests/benchmarks/test_overhead.py \
+    tests/benchmarks/test_virtual.py tests/benchmarks/test_flow.py -p no:randomly \
+    -p no:cacheprovider --benchmark-enable --benchmark-only \
+    --benchmark-json=results/benchmarks/engine-compiled.json "$@"
+fi

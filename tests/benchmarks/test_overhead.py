@@ -3,7 +3,8 @@
     ./bench.sh            # saves results/benchmarks/engine.json
 
 * no-op stages, 20,000 items, 1 and 3 stages of concurrency 2: items/s of the engine
-  (Continuous), stagepipe 0.3.0, and a plain ThreadPoolExecutor.map per stage;
+  (Continuous), stagepipe 0.3.0, and a plain ThreadPoolExecutor.map per stage -- the engine
+  and stagepipe at the same window of items in flight (64; stagepipe's default is 8);
 * stagepipe's README workload: 40 items, stages sleeping 0.02/0.30/0.05 s with concurrency
   4/8/1 (floor 2.32 s).
 """
@@ -19,6 +20,7 @@ from engine import Continuous, Pipeline, Stage
 stagepipe = pytest.importorskip("stagepipe")
 
 N = 20_000
+WINDOW = 64  # items in flight, the same for the engine and stagepipe
 
 
 def noop(x):
@@ -31,12 +33,12 @@ def noop_sp(x, i):
 
 def run_engine(n_stages: int) -> int:
     p = Pipeline([Stage(f"s{i}", noop, concurrency=2) for i in range(n_stages)])
-    return sum(1 for _ in p.stream(range(N), Continuous()))
+    return sum(1 for _ in p.stream(range(N), Continuous(max_in_flight=WINDOW)))
 
 
 def run_stagepipe(n_stages: int) -> int:
     out = stagepipe.run(range(N), [stagepipe.Stage(f"s{i}", noop_sp, workers=2)
-                                   for i in range(n_stages)])
+                                   for i in range(n_stages)], max_in_flight=WINDOW)
     return len(list(out))
 
 
