@@ -47,7 +47,7 @@ def test_token_cancel_mid_run(strategy, tmp_path) -> None:
     report = Pipeline(stages).run(items(), strategy, on_result=on_result, cancel=token)
     assert threading.active_count() == before
     assert len(pulled) < 200  # admission stopped at once
-    assert len(report.items) == len(pulled) or len(report.items) == len(pulled) - 0
+    assert len(report.items) == len(pulled)  # every item read is in the report, once
     assert report.cancelled > 0
     assert {r.status for r in report.items} <= {"ok", "cancelled", "failed"}
     check_report(report, stages, len(report.items))

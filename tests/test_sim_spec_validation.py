@@ -143,13 +143,18 @@ def test_where_prefixes_the_field() -> None:
 
 
 def test_weights_within_tolerance_accepted() -> None:
-    parse_latency(
+    mix = parse_latency(
         {
             "dist": "mixture",
             "parts": [{"weight": 0.1, **LN}, {"weight": 0.2, **LN}, {"weight": 0.7, **LN}],
         }
-    )  # 0.1+0.2 != 0.3
-    parse_latency({"dist": "mixture", "parts": [{"weight": 1.0 - 5e-10, **LN}]})
+    )  # 0.1+0.2 != 0.3 in floating point: accepted, and the same distribution as one part
+    one = parse_latency(LN)
+    assert mix.describe()["p50"] == pytest.approx(one.describe()["p50"], rel=0.05)
+    almost = parse_latency({"dist": "mixture", "parts": [{"weight": 1.0 - 5e-10, **LN}]})
+    assert almost.describe()["p50"] == pytest.approx(one.describe()["p50"], rel=0.05)
+    with pytest.raises(ValueError, match="weight"):  # beyond the tolerance: rejected
+        parse_latency({"dist": "mixture", "parts": [{"weight": 0.9, **LN}]})
 
 
 @pytest.mark.parametrize(
