@@ -6,8 +6,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -529,3 +536,52 @@ def test_peak_in_flight_across_many_calls() -> None:
 
     report = Pipeline([Stage("s", timed, 25)]).run(range(500))
     assert report.ok == 500 and max_overlap(intervals) <= 25
+
+
+# -- Ctrl-C: as with threads, the first cancels and waits for running coroutines -----------------
+CHILD = textwrap.dedent("""
+    import asyncio, json, sys, threading, time
+    sys.path.insert(0, {root!r})
+    from engine import Pipeline, Stage
+    started, finished = [], []
+    async def slow(x):
+        started.append(x)
+        if len(started) == 4:
+            print("running", flush=True)
+        await asyncio.sleep({seconds})
+        finished.append(x)
+        print("done", flush=True)
+        return x
+    try:
+        Pipeline([Stage("s", slow, 4)]).run(range(1000))
+    except KeyboardInterrupt:
+        print(json.dumps({{"started": len(started), "finished": len(finished),
+                          "threads": [t.name for t in threading.enumerate()]}}), flush=True)
+    print("exit", len(finished), flush=True)
+""")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c(presses: int) -> None:
+    root = str(Path(__file__).resolve().parents[1])
+    body = CHILD.format(root=root, seconds=0.5 if presses == 1 else 1.5)
+    proc = subprocess.Popen([sys.executable, "-c", body], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "running"
+    for _ in range(presses):
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.1)
+    out, err = proc.communicate(timeout=30)
+    lines = out.strip().splitlines()
+    doc = json.loads(next(line for line in lines if line.startswith("{")))
+    assert doc["started"] == 4, (out, err)
+    if presses == 1:  # waited: the running coroutines finished, the loop thread is gone
+        assert doc["finished"] == 4 and doc["threads"] == ["MainThread"]
+        assert lines[-1] == "exit 4" and lines.count("done") == 4
+    else:  # stopped waiting at once; they finish in the background before the process exits
+        assert doc["finished"] == 0
+        at = lines.index("exit 0")
+        assert lines[at + 1:] == ["done"] * 4
+    assert proc.returncode == 0, err
