@@ -585,3 +585,14 @@ def test_ctrl_c(presses: int) -> None:
         at = lines.index("exit 0")
         assert lines[at + 1:] == ["done"] * 4
     assert proc.returncode == 0, err
+
+
+def test_adaptive_limit_on_an_async_stage() -> None:
+    from engine import Adaptive
+
+    gauge = Gauge()
+    stage = Stage("s", async_sleepy(gauge, 0.002), concurrency=Adaptive(2, max=6))
+    report = Pipeline([stage]).run(range(300))
+    assert report.ok == 300
+    assert 2 < gauge.peak <= 6  # the limit grew, never past its max
+    assert report.stages[0].peak_in_flight == gauge.peak
