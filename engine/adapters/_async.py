@@ -13,18 +13,20 @@ An async HTTP client's connections belong to the event loop that opened them; us
 loop (a second ``asyncio.run``, the next run's loop) it fails with "Event loop is closed". So
 each adapter keeps one client per running loop, created on the loop's first call, with a
 connection pool of ``concurrency`` keep-alive connections (the stage limit: every coroutine in
-flight has its connection). Clients of loops that have closed are dropped when the next one is
-created. ``await adapter.aclose()`` (or ``async with``) closes the current loop's client;
-``close()`` closes every client it still can, from any thread. After either, calls raise
-``RuntimeError``. A caller's own ``AsyncOpenAI`` (``client=``) is used as it is, on whatever loop
-the caller runs it (its retries turned off).
+flight has its connection). A loop's client is closed when that loop shuts down
+(``asyncio.run``'s end, the end of an engine run: both finalize async generators, and each
+client is watched by one), so an adapter used as a plain async stage function, run after run,
+leaves no connection open. ``await adapter.aclose()`` (or ``async with``) closes the current
+loop's client at once; ``close()`` closes every client it still can, from any thread. After
+either, calls raise ``RuntimeError``. A caller's own ``AsyncOpenAI`` (``client=``) is used as it
+is, on whatever loop the caller runs it (its retries turned off).
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
 
@@ -43,35 +45,54 @@ C = TypeVar("C")
 
 
 class _PerLoop(Generic[C]):
-    """One client per running event loop (see the module's docstring)."""
+    """One client per running event loop (see the module's docstring).
+
+    Each client comes with a suspended async generator whose ``finally`` closes it; the loop
+    knows it (asyncio's async-generator hooks), so ``loop.shutdown_asyncgens()`` -- which
+    ``asyncio.run`` and the engine's event-loop thread both call before closing their loop --
+    closes the client and its connections on the loop they belong to, with no call from the
+    user. The generator is held here: the loop only keeps a weak reference."""
 
     def __init__(self, owner: str, make: Callable[[], C],
                  close: Callable[[C], Awaitable[None]]) -> None:
         self._owner = owner
         self._make = make
         self._close = close
-        self._clients: dict[asyncio.AbstractEventLoop, C] = {}
+        self._clients: dict[asyncio.AbstractEventLoop, tuple[C, AsyncGenerator[None, None]]] = {}
         self._lock = threading.Lock()
         self._closed = False
 
-    def get(self) -> C:
+    async def get(self) -> C:
         loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is not None:
-            return client
-        with self._lock:
+        entry = self._clients.get(loop)
+        if entry is not None:
+            return entry[0]
+        with self._lock:  # never held across an await
             if self._closed:
                 raise RuntimeError(f"{self._owner} is closed")
-            client = self._clients.get(loop)
-            if client is None:
-                # a closed loop's client can no longer be closed properly: let it go
-                for dead in [lp for lp in self._clients if lp.is_closed()]:
-                    del self._clients[dead]
-                client = self._clients[loop] = self._make()
+            entry = self._clients.get(loop)
+            if entry is not None:
+                return entry[0]
+            # a closed loop has closed its client at shutdown (or can no longer): let it go
+            for dead in [lp for lp in self._clients if lp.is_closed()]:
+                del self._clients[dead]
+            client = self._make()
+            closer = self._closer(client)
+            self._clients[loop] = (client, closer)
+        await closer.__anext__()  # first step: the loop now finalizes it at shutdown
         return client
 
-    def __len__(self) -> int:
-        return len(self._clients)
+    async def _closer(self, client: C) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # a failing close must not break shutdown
+                await self._close(client)
+
+    def clients(self) -> list[C]:
+        """The clients open now (one per loop)."""
+        with self._lock:
+            return [c for c, _ in self._clients.values()]
 
     async def aclose(self) -> None:
         """Close the running loop's client (the others as :meth:`close` does)."""
@@ -80,7 +101,7 @@ class _PerLoop(Generic[C]):
             self._closed = True
             mine = self._clients.pop(loop, None)
         if mine is not None:
-            await self._close(mine)
+            await mine[1].aclose()
         self.close()
 
     def close(self) -> None:
@@ -89,29 +110,25 @@ class _PerLoop(Generic[C]):
         (scheduled on it); a closed loop's client is dropped."""
         with self._lock:
             self._closed = True
-            clients, self._clients = list(self._clients.items()), {}
+            entries, self._clients = list(self._clients.items()), {}
         try:
             current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             current = None
-        for loop, client in clients:
+        for loop, (_, closer) in entries:
             if loop.is_closed():
                 continue
             if loop is current:
-                loop.create_task(self._aclose_quietly(client))
+                loop.create_task(closer.aclose())
             elif loop.is_running():
-                fut = asyncio.run_coroutine_threadsafe(self._aclose_quietly(client), loop)
+                fut = asyncio.run_coroutine_threadsafe(closer.aclose(), loop)
                 try:
                     fut.result(timeout=5.0)
                 except Exception:
                     fut.cancel()
             else:
                 with contextlib.suppress(Exception):  # e.g. the loop started meanwhile
-                    loop.run_until_complete(self._aclose_quietly(client))
-
-    async def _aclose_quietly(self, client: C) -> None:
-        with contextlib.suppress(Exception):
-            await self._close(client)
+                    loop.run_until_complete(closer.aclose())
 
 
 class AsyncLLMAnalyze(_LLMBase):
@@ -160,9 +177,9 @@ class AsyncLLMAnalyze(_LLMBase):
             http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=self._timeout),
         )
 
-    def client(self) -> openai.AsyncOpenAI:
+    async def client(self) -> openai.AsyncOpenAI:
         """The running event loop's client (created on first use)."""
-        return self._own if self._own is not None else self._clients.get()
+        return self._own if self._own is not None else await self._clients.get()
 
     async def aclose(self) -> None:
         if self._own is not None:
@@ -185,13 +202,17 @@ class AsyncLLMAnalyze(_LLMBase):
     async def analyze(self, user_text: str) -> Analysis:
         """One chat completion; returns the parsed ``Analysis`` or raises an adapter error."""
         try:
-            raw = await self.client().chat.completions.with_raw_response.create(
+            raw = await (await self.client()).chat.completions.with_raw_response.create(
                 **self._create_kwargs(user_text))
             self._feed(raw.headers)
             completion = raw.parse()
         except Exception as exc:
-            self._raise_error(exc)
-        return self._result(completion)
+            error = self._translate(exc)
+            if error is exc:
+                raise
+        else:
+            return self._result(completion)
+        raise error  # outside the except block: see LLMAnalyze._translate
 
 
 async def _close_openai(client: openai.AsyncOpenAI) -> None:
@@ -250,9 +271,9 @@ class AsyncHttpFetch:
         return httpx2.AsyncClient(headers=self._headers, timeout=self._timeout, limits=limits,
                                   trust_env=self._trust_env, follow_redirects=True)
 
-    def client(self) -> httpx2.AsyncClient:
+    async def client(self) -> httpx2.AsyncClient:
         """The running event loop's client (created on first use)."""
-        return self._clients.get()
+        return await self._clients.get()
 
     async def aclose(self) -> None:
         await self._clients.aclose()
@@ -275,7 +296,7 @@ class AsyncHttpFetch:
     async def get_json(self, url: str) -> Any:
         """GET ``url`` and return its decoded JSON body, or raise Transient/PermanentError."""
         try:
-            resp = await self.client().get(url)  # the whole body is read here: a drop too
+            resp = await (await self.client()).get(url)  # the whole body is read here: a drop too
         except httpx2.TimeoutException as exc:
             raise TransientError(f"GET {_path(url)}: timed out ({type(exc).__name__})") from exc
         except (httpx2.NetworkError, httpx2.RemoteProtocolError, httpx2.ProxyError,

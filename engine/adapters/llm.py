@@ -34,7 +34,7 @@ import json
 import math
 import time
 from collections.abc import Mapping
-from typing import Any, NoReturn, cast
+from typing import Any, cast
 
 import openai
 
@@ -236,22 +236,29 @@ class _LLMBase:
             return
         call.charge(tokens=total)
 
-    def _raise_error(self, exc: Exception) -> NoReturn:
-        """Turn the client's exception into an adapter error (called in an ``except``)."""
-        if isinstance(exc, openai.APIStatusError):  # not chained: its text may echo the key
+    def _translate(self, exc: Exception) -> Exception:
+        """The adapter error for the client's exception (``exc`` itself when it is none of
+        the client's). The caller raises it *outside* its ``except`` block, so an error the
+        server's text may have put the key in is neither the cause nor the context of what
+        is raised: no traceback can print it."""
+        error: Exception
+        if isinstance(exc, openai.APIStatusError):
             self._feed(exc.response.headers)
-            raise self._status_error(exc) from None
+            return self._status_error(exc)
         if isinstance(exc, openai.APITimeoutError):
-            raise TransientError("chat completion timed out") from exc
-        if isinstance(exc, openai.APIConnectionError):
-            raise TransientError(f"chat completion: connection failed ({exc.message})") from exc
-        if isinstance(exc, openai.APIError):  # e.g. a response that does not fit the SDK's models
-            raise PermanentError(f"chat completion: {self._scrub(str(exc))}") from None
-        if isinstance(exc, json.JSONDecodeError):  # a JSON content type, a body that is not JSON
-            raise MalformedOutputError(
+            error = TransientError("chat completion timed out")
+        elif isinstance(exc, openai.APIConnectionError):
+            error = TransientError(f"chat completion: connection failed ({exc.message})")
+        elif isinstance(exc, openai.APIError):  # e.g. a response that does not fit the models
+            return PermanentError(f"chat completion: {self._scrub(str(exc))}")
+        elif isinstance(exc, json.JSONDecodeError):  # a JSON content type, a body not JSON
+            return MalformedOutputError(
                 f"chat completion body is not JSON ({exc.msg}); raw body: "
-                f"{truncate(self._scrub(exc.doc), 300)!r}", exc.doc) from None
-        raise exc
+                f"{truncate(self._scrub(exc.doc), 300)!r}", exc.doc)
+        else:
+            return exc
+        error.__cause__ = exc  # timeouts and connection failures: the client's own reason
+        return error
 
     def _result(self, completion: Any) -> Analysis:
         """Charge the usage, then check and parse the completion."""
@@ -361,5 +368,9 @@ class LLMAnalyze(_LLMBase):
             self._feed(raw.headers)
             completion = raw.parse()
         except Exception as exc:
-            self._raise_error(exc)
-        return self._result(completion)
+            error = self._translate(exc)
+            if error is exc:
+                raise
+        else:
+            return self._result(completion)
+        raise error  # outside the except block: see _translate
