@@ -9,7 +9,7 @@ child with a free slot of its stage and its completion back.
 
 Wire format: two one-way pipes per child (``multiprocessing.connection``), carrying frames
 ``<length u32><call id i64><pickle>``; a dispatcher step sends each child all its calls in one
-write, and a child's sender thread sends back every completion waiting in one write (measured
+write, and a child's worker threads send back every completion waiting in one write (measured
 against a ``multiprocessing.Queue``: see tests/benchmarks/test_processes.py). Each call and each
 result is pickled on its own, so one that does not pickle fails that item, not the batch.
 
@@ -45,8 +45,10 @@ import heapq
 import itertools
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
 import queue
+import selectors
 import signal
 import struct
 import threading
@@ -59,7 +61,7 @@ from ._cancel import CancelToken
 from ._context import _local
 from ._core import _Call
 from ._errors import StageInitError, WorkerLost, describe, retry_after_of, safe_str
-from ._live import _WAKE, LiveBackend, _InitFailed, _running
+from ._live import LiveBackend, _InitFailed, _running
 from ._stage import Stage
 
 __all__ = ["JOIN_TIMEOUT", "ProcessBackend", "RemoteError"]
@@ -214,12 +216,14 @@ class _ChildStage:
 
 
 class _Child:
-    """The worker process's side: a reader (its main thread), worker threads, a sender."""
+    """The worker process's side: a reader (its main thread) and worker threads."""
 
     def __init__(self, specs: list[_Spec], calls: multiprocessing.connection.Connection,
                  replies: multiprocessing.connection.Connection, flag: Any) -> None:
         self.calls, self.replies, self.flag = calls, replies, flag
-        self.out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.out: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self.send_lock = threading.Lock()
+        self.gone = False  # the parent's end of the replies pipe is closed
         self.lock = threading.Lock()
         self.running: dict[int, _RemoteCall] = {}
         self.discarded: set[int] = set()
@@ -227,8 +231,6 @@ class _Child:
         self.inits = threading.Semaphore(0)
 
     def main(self) -> None:
-        sender = threading.Thread(target=self.send_loop, name="conveyor-child-sender")
-        sender.start()
         try:
             waiting = 0
             for st in self.stages:
@@ -237,7 +239,7 @@ class _Child:
                     waiting += 1
             for _ in range(waiting):
                 self.inits.acquire()
-            self.out.put(_frame(_READY, b""))
+            self.post(_frame(_READY, b""))
             self.read_loop()
         finally:
             for st in self.stages:
@@ -246,8 +248,7 @@ class _Child:
             for st in self.stages:
                 for t in st.threads:
                     t.join()
-            self.out.put(None)
-            sender.join()
+            self.post(b"")
 
     def spawn(self, st: _ChildStage) -> None:
         t = threading.Thread(target=self.work, args=(st,), daemon=True,
@@ -294,33 +295,31 @@ class _Child:
         now = time.perf_counter()
         err = RuntimeError(f"this call could not run: {why} ({type(exc).__name__}: "
                            f"{safe_str(exc)})")
-        self.out.put(_frame(cid, _dumps((now, now, False, err, None), _PROTOCOL)))
+        self.post(_frame(cid, _dumps((now, now, False, err, None), _PROTOCOL)))
 
-    def send_loop(self) -> None:
-        get, empty, send = self.out.get, self.out.empty, self.replies.send_bytes
-        while True:
-            frame = get()
-            if frame is None:
-                return
-            frames = [frame]
-            stop = False
-            while not empty() and len(frames) < 4096:
-                f = get()
-                if f is None:
-                    stop = True
-                    break
-                frames.append(f)
+    def post(self, frame: bytes) -> None:
+        """Queue a frame and send every frame queued, unless another thread is sending now
+        (it sends this one too): no sender thread, so no hand-off, and what piles up while
+        one thread writes goes in one write."""
+        out, lock = self.out, self.send_lock
+        out.put(frame)
+        while not out.empty() and lock.acquire(blocking=False):
             try:
-                send(b"".join(frames))
-            except OSError:  # the parent is gone
-                return
-            if stop:
-                return
+                frames: list[bytes] = []
+                while not out.empty() and len(frames) < 4096:
+                    frames.append(out.get())
+                if not self.gone:
+                    try:
+                        self.replies.send_bytes(b"".join(frames))
+                    except OSError:  # the parent is gone
+                        self.gone = True
+            finally:
+                lock.release()
 
     def work(self, st: _ChildStage) -> None:
         spec = st.spec
         fn, name, s = spec.fn, spec.name, st.index
-        get, put, clock, flag = st.inbox.get, self.out.put, time.perf_counter, self.flag
+        get, put, clock, flag = st.inbox.get, self.post, time.perf_counter, self.flag
         running, discarded, lock = self.running, self.discarded, self.lock
         resource = None
         broken = False
@@ -421,15 +420,11 @@ class _Worker:
         self.out: list[bytes] = []  # frames to send at the next flush
         self.discards: list[int] = []
         self.alive = True
-        self.ready = threading.Event()
+        self.ready = False
         self.fatal: str | None = None
         self.proc: Any = None
         self.calls: Any = None  # our end of its calls pipe
-        self.reader: threading.Thread | None = None
-
-
-class _Died(NamedTuple):
-    worker: _Worker
+        self.replies: Any = None  # our end of its replies pipe
 
 
 class _Unsent(NamedTuple):
@@ -467,14 +462,18 @@ def check_stages(stages: tuple[Stage, ...]) -> None:
 
 
 class ProcessBackend(LiveBackend):
-    """Real time, calls on worker threads in ``processes`` worker processes."""
+    """Real time, calls on worker threads in ``processes`` worker processes.
+
+    One thread does the parent's side: the dispatcher (the run's caller) sends the calls a
+    step started in one write per child, then waits on every child's replies pipe and a wake
+    pipe at once (``selectors``): no reader thread, so no GIL hand-off per reply.
+    """
 
     def __init__(self, stages: tuple[Stage, ...], cancel: CancelToken,
                  processes: int) -> None:
         if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
             raise ValueError(f"processes: expected an int >= 1, got {processes!r}")
         check_stages(stages)
-        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._timers: list[tuple[float, int, object]] = []
         self._seq = itertools.count()
         self._ids = itertools.count()
@@ -486,6 +485,9 @@ class ProcessBackend(LiveBackend):
         self._closing = False
         self._told_stop = False
         self._overflow: list[deque[_Call]] = [deque() for _ in stages]
+        self._events: list[Any] = []  # for the next step: unsent calls, init failures
+        self._dead: list[_Worker] = []  # died, waiting for the next step to settle them
+        self._gone: list[_Worker] = []  # settled (joined at close)
         self.processes = processes
         self.replaced = 0  # children replaced after they died
         caps = [_shares(st.max_concurrency, processes) for st in stages]
@@ -498,7 +500,11 @@ class ProcessBackend(LiveBackend):
                    _PROTOCOL)
             for k in range(processes)]
         self._workers: list[_Worker] = []
-        self._dead: list[_Worker] = []
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._remove_wake = cancel._on_cancel(self._on_cancel)
         _running[id(self)] = self.abandon
         try:
@@ -520,17 +526,21 @@ class ProcessBackend(LiveBackend):
             if old is not None:
                 signal.signal(signal.SIGINT, old)
         deadline = time.monotonic() + START_TIMEOUT
-        for w in self._workers:
-            while not w.ready.wait(0.05):
-                if w.fatal is not None or not w.alive or not w.proc.is_alive():
-                    w.ready.wait(0.5)  # its reader may still be reading its last words
+        while not all(w.ready for w in self._workers):
+            for key, _ in self._selector.select(0.1):
+                if key.data is None:
+                    self._drain_wake()
+                else:
+                    self._receive(key.data, None)
+            for w in self._workers:
+                if w.fatal is not None or not w.alive:
+                    w.proc.join(1.0)
                     raise RuntimeError(
                         f"processes={self.processes}: worker process {w.slot} could not start"
-                        + (f": {w.fatal}" if w.fatal else
-                           f" (exit code {w.proc.exitcode})"))
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"processes={self.processes}: worker process {w.slot} "
-                                       f"was not ready after {START_TIMEOUT:.0f} s")
+                        + (f": {w.fatal}" if w.fatal else f" (exit code {w.proc.exitcode})"))
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"processes={self.processes}: the worker processes were "
+                                   f"not ready after {START_TIMEOUT:.0f} s")
 
     def _launch(self, slot: int) -> _Worker:
         ctx = self._ctx
@@ -545,77 +555,94 @@ class ProcessBackend(LiveBackend):
         finally:
             calls_r.close()  # the child's ends: closed here so that its death closes them
             replies_w.close()
-        w.proc, w.calls = proc, calls_w
-        w.reader = threading.Thread(target=self._read, args=(w, replies_r), daemon=True,
-                                    name=f"conveyor-reader-{slot}")
-        w.reader.start()
+        w.proc, w.calls, w.replies = proc, calls_w, replies_r
+        self._selector.register(replies_r, selectors.EVENT_READ, w)
         return w
 
-    def _read(self, w: _Worker, conn: multiprocessing.connection.Connection) -> None:
-        """A child's replies -> the outbox (as tuples), until its pipe closes."""
-        put, loads, clock = self._outbox.put, _loads, time.perf_counter
-        recv = conn.recv_bytes
+    def _receive(self, w: _Worker, sched: Any) -> None:
+        """Read what ``w`` sent; with ``sched``, report the completions to it."""
+        conn = w.replies
+        base = self.base if sched is not None else 0.0
         try:
-            while True:
-                try:
-                    data = recv()
-                except (EOFError, OSError):
-                    break
-                for cid, payload in _frames(data):
-                    if cid >= 0:
-                        try:
-                            t0, t1, ok, result, charged = loads(payload)
-                        except BaseException as exc:
-                            t0 = t1 = clock()
-                            ok, charged = False, None
-                            result = RuntimeError(
-                                f"the call's result could not be unpickled in the calling "
-                                f"process ({type(exc).__name__}: {safe_str(exc)})")
-                        put((w, cid, t0, t1, ok, result, charged))
-                    elif cid == _READY:
-                        w.ready.set()
-                    elif cid == _INIT_FAILED:
-                        try:
-                            err = loads(payload)
-                        except BaseException as exc:
-                            err = StageInitError("?", exc)
-                        put(_InitFailed(err))
-                    elif cid == _FATAL:
-                        w.fatal = str(loads(payload))
-                del data
-        finally:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            self._selector.unregister(conn)
             conn.close()
-            put(_Died(w))
+            w.alive = False
+            self._dead.append(w)
+            return
+        on_done = sched.on_done if sched is not None else None
+        for cid, payload in _frames(data):
+            if cid >= 0:
+                call = w.inflight.pop(cid, None)
+                if call is None:
+                    continue
+                try:
+                    t0, t1, ok, result, charged = _loads(payload)
+                except BaseException as exc:
+                    t0 = t1 = time.perf_counter()
+                    ok, charged = False, None
+                    result = RuntimeError(
+                        f"the call's result could not be unpickled in the calling process "
+                        f"({type(exc).__name__}: {safe_str(exc)})")
+                s = call.stage
+                w.busy[s] -= 1
+                w.load -= 1
+                if charged:
+                    call.charged = charged
+                assert on_done is not None
+                on_done(call, t0 - base, t1 - base, ok, result)
+            elif cid == _READY:
+                w.ready = True
+            elif cid == _INIT_FAILED:
+                try:
+                    err = _loads(payload)
+                except BaseException as exc:
+                    err = StageInitError("?", exc)
+                if sched is None:
+                    self._events.append(_InitFailed(err))
+                else:
+                    sched.fail_run(err)
+            elif cid == _FATAL:
+                w.fatal = str(_loads(payload))
 
-    def _replace(self, w: _Worker, sched: Any) -> None:
-        """``w`` died: fail its in-flight calls (retryable), start a replacement."""
-        w.alive = False
-        self._dead.append(w)
-        code = w.proc.exitcode if w.proc is not None else None
-        if code is None:
+    def _settle_dead(self, sched: Any) -> None:
+        """Children that died: fail their in-flight calls (retryable), replace them."""
+        while self._dead:
+            w = self._dead.pop()
+            self._gone.append(w)
             w.proc.join(1.0)
             code = w.proc.exitcode
-        lost = list(w.inflight.values())
-        w.inflight.clear()
-        if self._workers[w.slot] is w and not self._closing:
-            if not w.ready.is_set():  # it never started: a replacement would not either
-                sched.fail_run(RuntimeError(
-                    f"worker process {w.slot} died before it was ready (exit code {code})"
-                    + (f": {w.fatal}" if w.fatal else "")))
-            else:
-                self.replaced += 1
-                self._workers[w.slot] = self._launch(w.slot)  # usable at once: calls queue
-        now = time.perf_counter() - self.base
-        for call in lost:
-            sched.on_done(call, now, now, False, WorkerLost(
-                f"worker process {w.slot} (pid {w.proc.pid}) died (exit code {code}) while "
-                "running this call"))
+            lost = list(w.inflight.values())
+            w.inflight.clear()
+            if self._workers[w.slot] is w and not self._closing:
+                if not w.ready:  # it never started: a replacement would not either
+                    sched.fail_run(RuntimeError(
+                        f"worker process {w.slot} died before it was ready (exit code {code})"
+                        + (f": {w.fatal}" if w.fatal else "")))
+                else:
+                    self.replaced += 1
+                    self._workers[w.slot] = self._launch(w.slot)  # usable now: calls queue
+            now = time.perf_counter() - self.base
+            for call in lost:
+                sched.on_done(call, now, now, False, WorkerLost(
+                    f"worker process {w.slot} (pid {w.proc.pid}) died (exit code {code}) "
+                    "while running this call"))
         self._dispatch_overflow()
+
+    def _drain_wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 4096):
+                pass
 
     # -- the Backend interface -----------------------------------------------------------------
     def _on_cancel(self) -> None:
         self._flag.value = 1  # the children's cancellation check: a flag read
         self.wake()
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # full: a wake is pending anyway
+            os.write(self._wake_w, b"w")
 
     def _pick(self, s: int) -> _Worker | None:
         best: _Worker | None = None
@@ -642,7 +669,7 @@ class ProcessBackend(LiveBackend):
                 payload = _dumps((call.stage, call.attempt, call.hedge, item.index, None,
                                   item.value), _PROTOCOL)
             except Exception as exc:
-                self._outbox.put(_Unsent(call, TypeError(
+                self._events.append(_Unsent(call, TypeError(
                     f"Stage {call.name!r}: the item's value does not pickle "
                     f"({type(exc).__name__}: {safe_str(exc)}); with processes=N values must "
                     "pickle")))
@@ -670,7 +697,7 @@ class ProcessBackend(LiveBackend):
                 data = b"".join(w.out)
                 w.out = []
                 if w.alive:
-                    with contextlib.suppress(OSError):  # it died: its reader will say so
+                    with contextlib.suppress(OSError):  # it died: its pipe will say so
                         w.calls.send_bytes(data)
 
     def discard(self, call: _Call) -> None:
@@ -680,49 +707,38 @@ class ProcessBackend(LiveBackend):
                     w.discards.append(cid)
                     return
 
-    def wake(self) -> None:
-        self._outbox.put(_WAKE)
-
     def step(self, sched: Any) -> None:
-        """Send what was started, wait for the next completion (or due timer), then handle
-        all that are waiting and send what they started."""
+        """Send what was started, wait for the next replies (or due timer, or a wake), then
+        handle all that are waiting and send what they started."""
         self._flush()
-        outbox = self._outbox
         timers = self._timers
         timeout = None
-        if timers:
+        if self._events or self._dead:
+            timeout = 0.0
+        elif timers:
             timeout = 0.0 if sched.cancelled else max(0.0, timers[0][0] - time.perf_counter())
-        try:
-            msg = outbox.get(timeout=timeout)
-        except queue.Empty:
-            msg = _WAKE
-        base = self.base
-        on_done = sched.on_done
-        overflow = False
-        for _ in range(4096):
-            if msg.__class__ is tuple:
-                w, cid, t0, t1, ok, result, charged = msg
-                call = w.inflight.pop(cid, None)
-                if call is not None:  # (None: failed already, its child died)
-                    w.busy[call.stage] -= 1
-                    w.load -= 1
-                    if charged:
-                        call.charged = charged
-                    if overflow or self._overflow[call.stage]:
-                        overflow = True
-                    on_done(call, t0 - base, t1 - base, ok, result)
-            elif msg.__class__ is _Died:
-                self._replace(msg.worker, sched)
-            elif msg.__class__ is _Unsent:
-                now = time.perf_counter() - base
-                on_done(msg.call, now, now, False, msg.error)
-            elif msg.__class__ is _InitFailed:
-                sched.fail_run(msg.error)
-            if outbox.empty():
+        select, receive = self._selector.select, self._receive
+        ready = select(timeout)
+        for _ in range(64):  # decide in bulk, but hand results over now and then
+            if not ready:
                 break
-            msg = outbox.get()
-        msg = result = None  # do not keep the last result alive while waiting
-        if overflow:
+            for key, _ in ready:
+                if key.data is None:
+                    self._drain_wake()
+                else:
+                    receive(key.data, sched)
+            ready = select(0)
+        if self._events:
+            events, self._events = self._events, []
+            for ev in events:
+                if ev.__class__ is _Unsent:
+                    now = time.perf_counter() - self.base
+                    sched.on_done(ev.call, now, now, False, ev.error)
+                else:
+                    sched.fail_run(ev.error)
+        if self._dead:
+            self._settle_dead(sched)
+        elif any(self._overflow):
             self._dispatch_overflow()
         if timers:
             now = time.perf_counter()
@@ -753,13 +769,13 @@ class ProcessBackend(LiveBackend):
                     w.calls.send_bytes(_frame(_STOP, b""))
 
     def close(self, wait: bool = True) -> None:
-        """Stop every child and (``wait``) join it, kill it after ``JOIN_TIMEOUT`` seconds,
-        and join every reader thread."""
+        """Stop every child and (``wait``) join it, killing it after ``JOIN_TIMEOUT``
+        seconds; close every pipe."""
         _running.pop(id(self), None)
         self._remove_wake()
         self._closing = True
         self._stop_workers()
-        workers = [*self._workers, *self._dead]
+        workers = [*self._workers, *self._dead, *self._gone]
         if wait:
             deadline = time.monotonic() + JOIN_TIMEOUT
             for w in workers:
@@ -772,20 +788,20 @@ class ProcessBackend(LiveBackend):
                 if w.proc.exitcode is None:
                     w.proc.kill()
                     w.proc.join()
-            for w in workers:
-                if w.reader is not None:
-                    w.reader.join()
         for w in workers:
-            if w.calls is not None:
-                w.calls.close()
-                w.calls = None
+            for conn in (w.calls, w.replies):
+                if conn is not None and not conn.closed:
+                    conn.close()
             if wait and w.proc is not None:
                 with contextlib.suppress(ValueError):
                     w.proc.close()
+        self._selector.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     @property
     def pids(self) -> list[int]:
         """The worker processes' ids, in slot order (for tests and tooling)."""
         return [w.proc.pid for w in self._workers]
-
-
