@@ -377,9 +377,12 @@ def otel(tracer_provider: Any = None, meter_provider: Any = None, *, spans: bool
     ``conveyor.lost``, ``error.type``; status ERROR when the call raised); and the counters
     ``conveyor.stage.calls`` / ``conveyor.stage.errors`` and the histogram
     ``conveyor.stage.call.duration`` (s) per ``conveyor.stage``, and ``conveyor.items`` per
-    ``conveyor.item.status``. Never values or error messages: the error's type only; the item's
-    key only with ``record_key=True``. Providers default to the global ones
-    (``opentelemetry.trace.set_tracer_provider``). Needs ``opentelemetry-api``
+    ``conveyor.item.status`` (the counters are added to once a second and when the run ends;
+    every call counts, retries, hedges and lost calls included). An item whose span is not
+    recording (sampled out by the application's sampler, or no SDK) gets no call spans: a
+    sampler is how to make tracing cheap on a large run. Never values or error messages: the
+    error's type only; the item's key only with ``record_key=True``. Providers default to the
+    global ones (``opentelemetry.trace.set_tracer_provider``). Needs ``opentelemetry-api``
     (``conveyor[otel]``); an SDK and an exporter are the application's to set up."""
     return Otel(tracer_provider, meter_provider, spans=spans, metrics=metrics,
                 record_key=record_key)
@@ -387,6 +390,8 @@ def otel(tracer_provider: Any = None, meter_provider: Any = None, *, spans: bool
 
 class OtelObserver:
     """One run's spans and metrics (made by :meth:`Otel.observer`)."""
+
+    FLUSH_S = 1.0  #: seconds between additions to the counters (and one at the end)
 
     def __init__(self, otel: Otel) -> None:
         from opentelemetry import context as otel_context
@@ -399,6 +404,10 @@ class OtelObserver:
         self.parent: Any = None
         self._stage_attrs: dict[str, Mapping[str, str]] = {}
         self._error = otel_trace.Status(otel_trace.StatusCode.ERROR)
+        self._calls: dict[str, int] = {}
+        self._errors: dict[tuple[str, str], int] = {}
+        self._statuses: dict[str, int] = {}
+        self._flush_at = time.monotonic() + self.FLUSH_S
 
     def start(self, info: RunInfo) -> None:
         self.t0_ns = info.t0_epoch_ns
@@ -412,9 +421,14 @@ class OtelObserver:
                 self._spans(r)
         if self.otel.calls is not None:
             self._metrics(results)
+            now = time.monotonic()
+            if now >= self._flush_at:
+                self._flush_at = now + self.FLUSH_S
+                self._flush()
 
     def close(self, report: Any = None) -> None:
-        pass
+        if self.otel.calls is not None:
+            self._flush()
 
     def _ns(self, t: float) -> int:
         return self.t0_ns + round(t * 1e9)
@@ -446,6 +460,9 @@ class OtelObserver:
         tracer = self.otel.tracer
         item = tracer.start_span("conveyor.item", context=self.parent, attributes=attrs,
                                  start_time=self._ns(start))
+        if not item.is_recording():  # sampled out, or no SDK: its calls would not be either
+            item.end(end_time=self._ns(end))
+            return
         if err is not None and r.status == "failed":
             item.set_status(trace.Status(trace.StatusCode.ERROR, f"{err.stage}: {err.type}"))
         ctx = trace.set_span_in_context(item, self.parent)
@@ -473,11 +490,11 @@ class OtelObserver:
         item.end(end_time=self._ns(end))
 
     def _metrics(self, results: list[ItemResult]) -> None:
-        o = self.otel
-        record = o.duration.record
-        calls: dict[str, int] = {}
-        errors: dict[tuple[str, str], int] = {}
-        statuses: dict[str, int] = {}
+        """Every call's duration into the histogram now; the counts into local sums, added to
+        the counters by :meth:`_flush` (every ``FLUSH_S`` and at the end: one SDK call per
+        stage and second, not per item)."""
+        record = self.otel.duration.record
+        calls, errors, statuses = self._calls, self._errors, self._statuses
         for r in results:
             statuses[r.status] = statuses.get(r.status, 0) + 1
             for sp in r.stages:
@@ -492,12 +509,18 @@ class OtelObserver:
                     if a.error is not None:
                         k = (name, a.error.type)
                         errors[k] = errors.get(k, 0) + 1
-        for name, n in calls.items():
+
+    def _flush(self) -> None:
+        o = self.otel
+        for name, n in self._calls.items():
             o.calls.add(n, self._attrs(name))
-        for (name, etype), n in errors.items():
+        for (name, etype), n in self._errors.items():
             o.errors.add(n, {"conveyor.stage": name, "error.type": etype})
-        for status, n in statuses.items():
+        for status, n in self._statuses.items():
             o.items.add(n, {"conveyor.item.status": status})
+        self._calls.clear()
+        self._errors.clear()
+        self._statuses.clear()
 
 
 # -- the engine's log, for tests ---------------------------------------------------------------

@@ -242,7 +242,25 @@ def test_options(setup: Setup) -> None:
     o = _obs(setup, spans=False)
     o.update([r], None)
     assert len(setup.finished()) == 2  # no more spans
-    assert "conveyor.stage.calls" in setup.metrics()
+    m = setup.metrics()
+    assert [d.count for d in m["conveyor.stage.call.duration"]] == [1]  # at once
+    assert "conveyor.stage.calls" not in m  # counts: once a second, and at the end
+    o.close(None)
+    assert [d.value for d in setup.metrics()["conveyor.stage.calls"]] == [1]
+
+
+def test_sampled_out_items_get_no_call_spans(setup: Setup) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    tp = TracerProvider(sampler=ALWAYS_OFF)
+    tp.add_span_processor(SimpleSpanProcessor(setup.spans))
+    o = otel(tp, setup.mp).observer()
+    o.start(RunInfo(0))
+    r = ItemResult(0, 0, "ok", 1, None, (StageSpan("a", 0.0, 0.1, (Attempt(0.0, 0.1),)),), 0.1)
+    o.update([r], None)
+    o.close(None)
+    assert setup.finished() == []
+    assert [d.value for d in setup.metrics()["conveyor.stage.calls"]] == [1]  # metrics still
 
 
 def test_one_otel_many_runs(setup: Setup) -> None:
