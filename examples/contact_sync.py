@@ -10,14 +10,29 @@
 
 Flags: ``--contacts N`` (ids 1..N) or ``--contacts-file F`` (one contact per line: a bare id
 or a JSON object with ``id`` and optional ``name``, ``email`` and other attributes),
-``--strategy continuous|batched|parallel-batches``, ``--resume`` (skip contacts already saved
-and assigned), ``--demo``. Progress goes to stderr, the summary to stdout. Exit status: 0 if
-every contact is ok, 1 if any failed or was cancelled, 2 on a usage or configuration error.
+``--strategy continuous|batched|parallel-batches``, ``--resume``, ``--retry-failed``,
+``--ledger db|none|PATH``, ``--demo``. Progress goes to stderr, the summary to stdout. Exit
+status: 0 if every contact is ok, 1 if any failed or was cancelled, 2 on a usage or
+configuration error (or another run of the job holding the ledger).
+
+Durable runs (DESIGN §11): every run records its progress in a ledger, by default a
+``PostgresLedger`` in the job's own database (table ``conveyor_ledger``, pipeline name
+``contact-sync``): the analysis of each contact once the LLM answered (the ``analyze`` stage is
+checkpointed: an LLM call costs money), each contact done once assigned, and each failure with
+its stage, type, message and traceback (a dead letter). ``--resume`` goes on from there: a
+contact recorded done is not run again (reported ok, counted "already done"), one whose
+analysis was recorded goes on to save and assign without a second LLM call, and the others run
+from the start; recorded failures are reported again without a call unless ``--retry-failed``
+(which implies ``--resume``) replays them. A run without ``--resume`` starts over: it forgets
+what the ledger holds for the job first. ``--ledger PATH`` keeps the ledger in a SQLite file
+instead; ``--ledger none`` runs without one (no ``--resume``). Inspect a ledger with
+``python -m engine.ledger "$DATABASE_URL" --name contact-sync``.
 
 What is guaranteed: each stage call is at-least-once (retried on transient errors), each row is
 exactly-once (upserts keyed by contact id), an ok contact is durable the moment it is reported
-(its assign committed), and every failure is recorded in ``sync_failures`` with its reason, so
-``--resume`` after a crash or a kill redoes exactly the contacts that are not done.
+(its assign committed), and every failure is recorded in ``sync_failures`` with its reason.
+After a crash or a ``kill -9``, ``--resume`` loses nothing the ledger recorded: it repeats at
+most the calls that were in flight, and never an analysis that was recorded.
 
 Secrets (the API key, the DSN's password) are never printed: output goes through a redactor
 that replaces them, and the DSN is only ever shown with its password masked.
@@ -52,28 +67,43 @@ from typing import IO, Any
 if __package__ in (None, ""):  # run as a script from a checkout: make `engine` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import engine.adapters as _adapters
 from engine import (
     Batched,
     CancelToken,
+    CodecError,
     Continuous,
     ItemResult,
+    Ledger,
+    LedgerBusy,
+    LedgerError,
     ParallelBatches,
     Pipeline,
     RetryPolicy,
+    SqliteLedger,
     Stage,
 )
 from engine.adapters import (
     RETRYABLE,
+    Analysis,
+    Analyzed,
     Contact,
     HttpFetch,
     LLMAnalyze,
     PermanentError,
     PostgresStore,
+    _ledger_pg,
     redact_dsn,
 )
 
-__all__ = ["DEFAULT_CONCURRENCY", "BadRecord", "SyncConfig", "SyncJob", "build_pipeline",
-           "local_services", "main", "read_contacts", "run_sync"]
+# engine.adapters exports it (DESIGN §11); older checkouts have it only in its module
+PostgresLedger: Any = getattr(_adapters, "PostgresLedger", None) or _ledger_pg.PostgresLedger
+
+__all__ = ["DEFAULT_CONCURRENCY", "PIPELINE_NAME", "AnalyzedCodec", "BadRecord", "SyncConfig",
+           "SyncJob", "build_pipeline", "local_services", "main", "read_contacts", "run_sync"]
+
+#: the pipeline's name in the ledger (its entries are keyed by it, the item key and the stage)
+PIPELINE_NAME = "contact-sync"
 
 #: the stage limits of the sync job (DESIGN §1: fetch 50, analyze 50, save 10, assign 10)
 DEFAULT_CONCURRENCY: Mapping[str, int] = {"fetch": 50, "analyze": 50, "save": 10, "assign": 10}
@@ -133,6 +163,52 @@ def item_key(item: Contact | BadRecord | int) -> Any:
     return item
 
 
+class AnalyzedCodec:
+    """The ledger's codec for the ``analyze`` stage's output (an ``Analyzed``: frozen
+    dataclasses, which JSON alone cannot hold): one JSON object with the contact (id, name,
+    email, attributes), the analysis, the message count and the model. A contact whose
+    attributes JSON cannot hold raises ``CodecError`` (that contact fails, with the reason)."""
+
+    def encode(self, value: Analyzed) -> str:
+        if not isinstance(value, Analyzed):
+            raise CodecError(f"AnalyzedCodec: expected an Analyzed, got {type(value).__name__}")
+        c, a = value.contact, value.analysis
+        doc = {"contact": {"id": c.id, "name": c.name, "email": c.email,
+                           "attributes": dict(c.attributes)},
+               "analysis": {"stage": a.stage, "score": a.score, "summary": a.summary},
+               "message_count": value.message_count, "model": value.model}
+        try:
+            return json.dumps(doc, ensure_ascii=False, separators=(",", ":"),
+                              allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise CodecError(f"AnalyzedCodec: contact {c.id}: cannot encode its analysis as "
+                             f"JSON: {exc}") from None
+
+    def decode(self, text: str) -> Analyzed:
+        try:
+            doc = json.loads(text)
+            c, a = doc["contact"], doc["analysis"]
+            return Analyzed(
+                contact=Contact(int(c["id"]), name=c["name"], email=c["email"],
+                                attributes=dict(c["attributes"])),
+                analysis=Analysis(stage=a["stage"], score=float(a["score"]),
+                                  summary=str(a["summary"])),
+                message_count=int(doc["message_count"]), model=str(doc["model"]))
+        except (TypeError, ValueError, KeyError, RecursionError) as exc:
+            raise CodecError(f"AnalyzedCodec: cannot decode the stored analysis "
+                             f"{text[:60]!r}: {type(exc).__name__}: {exc}") from None
+
+
+def open_ledger(where: str, config: SyncConfig) -> Ledger | None:
+    """The ledger ``--ledger`` names: ``db`` (a ``PostgresLedger`` in the job's database),
+    ``none`` (None), or the path of a SQLite file."""
+    if where == "none":
+        return None
+    if where == "db":
+        return PostgresLedger(config.database_url, connect_timeout=10)
+    return SqliteLedger(where)
+
+
 class SyncJob:
     """The four-stage pipeline and the clients it owns. ``close()`` (or ``with``) frees them."""
 
@@ -174,10 +250,12 @@ class SyncJob:
 
         self.pipeline = Pipeline([
             Stage("fetch", fetch_contact, concurrency=limits["fetch"], retry=net),
-            Stage("analyze", self.llm, concurrency=limits["analyze"], retry=net),
+            # checkpointed: with a ledger, a paid-for analysis is never asked for again
+            Stage("analyze", self.llm, concurrency=limits["analyze"], retry=net,
+                  checkpoint=True, codec=AnalyzedCodec()),
             Stage("save", self.store.save, concurrency=limits["save"], retry=db),
             Stage("assign", self.store.assign, concurrency=limits["assign"], retry=db),
-        ], key=item_key)
+        ], key=item_key, name=PIPELINE_NAME)
 
     def close(self) -> None:
         self.fetch.close()
@@ -291,6 +369,8 @@ class Progress:
     def __init__(self, console: Console, total: int | None) -> None:
         self.console, self.total = console, total
         self.ok = self.failed = self.cancelled = 0
+        self.already_done = 0  # ok from the ledger: every stage restored, nothing run
+        self.restored = 0  # resumed past a recorded analysis: no second LLM call
         self.t0 = time.perf_counter()
         self._next = 0.0
         self._tty = console.err.isatty()
@@ -309,6 +389,11 @@ class Progress:
             self.failed += 1
         else:
             self.cancelled += 1
+        if r.stages and r.stages[0].resumed:
+            if r.stages[-1].resumed:
+                self.already_done += 1
+            else:
+                self.restored += 1
         for span in r.stages:
             for a in span.attempts:
                 self.busy[span.name] = self.busy.get(span.name, 0.0) + (a.end - a.start)
@@ -352,24 +437,39 @@ def make_strategy(name: str, batch_size: int, lanes: int) -> Any:
 
 def run_sync(job: SyncJob, contacts: Iterable[Contact | BadRecord | int], *, strategy: Any,
              resume: bool, console: Console, total: int | None,
-             cancel: CancelToken | None = None) -> int:
-    """Run the job, record every outcome durably, print the summary; return the exit status."""
+             cancel: CancelToken | None = None, ledger: Ledger | None = None,
+             retry_failed: bool = False) -> int:
+    """Run the job, record every outcome durably, print the summary; return the exit status.
+
+    With a ``ledger`` the run is durable: ``resume`` goes on from what it recorded (else the
+    run starts over: the ledger forgets the job first), ``retry_failed`` replays its dead
+    letters too."""
     store = job.store
-    skipped = 0
-
-    def on_skip(_: Any) -> None:
-        nonlocal skipped
-        skipped += 1
-
-    if resume:
-        contacts = store.pending(contacts, key=_resume_key, on_skip=on_skip)
+    resume = resume or retry_failed
+    if resume and ledger is None:
+        console.note("contact_sync.py: error: --resume and --retry-failed need a ledger "
+                     "(--ledger db or a file, not none)")
+        return 2
+    if ledger is not None and not resume:
+        try:
+            forget(ledger, store, job.pipeline.name or PIPELINE_NAME)
+        except LedgerBusy as exc:
+            console.note(f"contact_sync.py: error: cannot start: {exc}")
+            return 2
+        except LedgerError as exc:
+            console.note(f"contact_sync.py: error: cannot start: the ledger: {exc}")
+            return 2
     run_id = store.start_run(strategy.name, dict(strategy.params))
+    where = ("none" if ledger is None else "the job's database"
+             if isinstance(ledger, PostgresLedger) else str(ledger))
     console.note(f"sync run {run_id}: strategy {strategy.name} {dict(strategy.params)}, "
-                 f"limits {job.limits}, database {redact_dsn(job.config.database_url)}")
+                 f"limits {job.limits}, database {redact_dsn(job.config.database_url)}, "
+                 f"ledger {where}{' (resuming)' if resume else ''}")
     progress = Progress(console, total)
     status = "crashed"  # until the loop ends one way or another
     try:
-        for r in job.pipeline.stream(contacts, strategy=strategy, cancel=cancel):
+        for r in job.pipeline.stream(contacts, strategy=strategy, cancel=cancel,
+                                     ledger=ledger, retry_failed=retry_failed):
             progress.add(r)
             if r.status != "ok":
                 err = r.error
@@ -379,35 +479,60 @@ def run_sync(job: SyncJob, contacts: Iterable[Contact | BadRecord | int], *, str
         status = "ok" if progress.failed == progress.cancelled == 0 else "failed"
     except KeyboardInterrupt:
         status = "cancelled"
+    except LedgerBusy as exc:
+        console.note(f"contact_sync.py: error: cannot start: {exc}")
+        status = "busy"
     except Exception as exc:  # the input or the bookkeeping failed (e.g. the database is gone)
         status = "crashed"
         console.note(f"contact_sync.py: error: the run stopped: {type(exc).__name__}: {exc}")
     finally:
         progress.draw(time.perf_counter(), final=True)
         with contextlib.suppress(Exception):
-            store.finish_run(status=status,
-                             total=progress.done + skipped, ok=progress.ok,
+            store.finish_run(status="failed" if status == "busy" else status,
+                             total=progress.done, ok=progress.ok,
                              failed=progress.failed, cancelled=progress.cancelled,
-                             skipped=skipped)
-    summarize(console, job, progress, strategy, skipped, status)
+                             skipped=progress.already_done)
+    summarize(console, job, progress, strategy, status)
     if status == "cancelled":
         return 130
+    if status == "busy":
+        return 2
     return 0 if status == "ok" else 1
 
 
-def _resume_key(item: Contact | BadRecord | int) -> int:
-    if isinstance(item, Contact):
-        return item.id
-    if isinstance(item, int):
-        return item
-    return -1  # a bad record is never "done": it is reported again
+def forget(ledger: Ledger, store: PostgresStore, name: str) -> None:
+    """Start over: delete what ``ledger`` holds for pipeline ``name``, holding the name's lock
+    meanwhile (``LedgerBusy`` if a run of the job is going on). The engine's ``Ledger`` has no
+    such method yet: this deletes the rows of its documented table (``conveyor_ledger``)."""
+    ledger.open(name)  # creates the table if missing; exclusive use of the name
+    try:
+        if isinstance(ledger, PostgresLedger):  # the job's own database: the store's pool
+            store.execute(f'DELETE FROM "{ledger.table}" WHERE pipeline = %s', (name,))
+        elif isinstance(ledger, SqliteLedger):
+            import sqlite3
+
+            conn = sqlite3.connect(ledger.path, timeout=ledger.timeout)
+            try:
+                with conn:
+                    conn.execute("DELETE FROM conveyor_ledger WHERE pipeline = ?", (name,))
+            finally:
+                conn.close()
+        else:  # pragma: no cover - open_ledger makes only those two
+            raise LedgerError(f"cannot start over with {ledger!r}: use --resume")
+    finally:
+        ledger.release(name)
 
 
-def summarize(console: Console, job: SyncJob, p: Progress, strategy: Any, skipped: int,
+def summarize(console: Console, job: SyncJob, p: Progress, strategy: Any,
               status: str) -> None:
     wall = time.perf_counter() - p.t0
-    console.say(f"contact sync {status}: {p.done} contacts with strategy {strategy.name}"
-                f"{f' ({skipped} skipped: already done)' if skipped else ''}")
+    notes = []
+    if p.already_done:
+        notes.append(f"{p.already_done} skipped: already done")
+    if p.restored:
+        notes.append(f"{p.restored} analyses restored from the ledger")
+    said = f" ({'; '.join(notes)})" if notes else ""
+    console.say(f"contact sync {status}: {p.done} contacts with strategy {strategy.name}{said}")
     console.say(f"  ok {p.ok}, failed {p.failed}, cancelled {p.cancelled}")
     console.say(f"  wall {wall:.2f} s, throughput {p.ok / wall if wall > 0 else 0:.1f} "
                 f"contacts/s")
@@ -440,7 +565,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=_positive_int, default=50, metavar="N")
     ap.add_argument("--lanes", type=_positive_int, default=3, metavar="N")
     ap.add_argument("--resume", action="store_true",
-                    help="skip contacts already saved and assigned")
+                    help="go on from what the ledger recorded: skip contacts already done, "
+                         "never analyse a contact twice")
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="--resume, and replay the failures the ledger recorded")
+    ap.add_argument("--ledger", default="db", metavar="db|none|PATH",
+                    help="where the run's progress is recorded: db (the job's PostgreSQL "
+                         "database, the default), a SQLite file, or none")
     ap.add_argument("--demo", action="store_true",
                     help="start fake servers and a throwaway PostgreSQL, then run against them")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -452,6 +583,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error("one of --contacts N or --contacts-file F is required")
         args.contacts = 200
     return args
+
+
+def _close_ledger(ledger: Ledger, console: Console) -> None:
+    try:
+        ledger.close()
+    except LedgerError as exc:  # a write that failed: said once, the run's status stands
+        console.note(f"contact_sync.py: error: the ledger: {exc}")
 
 
 def _positive_int(text: str) -> int:
@@ -525,8 +663,16 @@ def main(argv: list[str] | None = None, *, env: Mapping[str, str] = os.environ,
             contacts = range(1, args.contacts + 1)
             total = args.contacts
         strategy = make_strategy(args.strategy, args.batch_size, args.lanes)
+        try:
+            ledger = open_ledger(args.ledger, config)
+        except (ValueError, LedgerError) as exc:
+            console.note(f"contact_sync.py: error: --ledger: {exc}")
+            return 2
+        if ledger is not None:
+            stack.callback(_close_ledger, ledger, console)
         return run_sync(job, contacts, strategy=strategy, resume=args.resume,
-                        console=console, total=total)
+                        console=console, total=total, ledger=ledger,
+                        retry_failed=args.retry_failed)
     return 2  # pragma: no cover -- ExitStack does not swallow; keeps type checkers content
 
 

@@ -1,6 +1,7 @@
 """examples/contact_sync.py end to end: real clients -> fake servers -> real PostgreSQL."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 from sync_helpers import API_KEY, counts, query, run_main, services
 
 from examples.contact_sync import SyncConfig, main
+from simulators.servers import OpenAIServer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.timeout(120)]
 
@@ -28,14 +30,75 @@ def test_every_contact_is_saved_and_assigned_once(pg_dsn: str, strategy: str) ->
 
 
 def test_rerun_overwrites_and_resume_skips(pg_dsn: str) -> None:
-    with services(pg_dsn) as cfg:
+    with services(pg_dsn) as cfg, OpenAIServer(seed=2) as llm:
+        cfg = dataclasses.replace(cfg, openai_base_url=llm.url + "/v1")
         assert run_main(cfg, "--contacts", "50")[0] == 0
-        assert run_main(cfg, "--contacts", "50")[0] == 0  # a plain rerun: upserts, no dupes
+        assert run_main(cfg, "--contacts", "50")[0] == 0  # a plain rerun: starts over, upserts
+        assert llm.calls("7") == 2
         code, out, _ = run_main(cfg, "--contacts", "80", "--resume")
-    assert code == 0
-    assert "30 contacts" in out and "50 skipped" in out
+        assert llm.calls("7") == 2 and llm.calls("80") == 1  # done: not run, not paid again
+    assert code == 0, out
+    assert "80 contacts" in out and "(50 skipped: already done)" in out
     assert counts(pg_dsn)["pipeline_assignments"] == (80, 80)
     assert query(pg_dsn, "SELECT count(*) FROM sync_runs WHERE status = 'ok'") == [(3,)]
+    assert query(pg_dsn, "SELECT skipped FROM sync_runs ORDER BY run_id") == [(0,), (0,), (50,)]
+    # the ledger (the job's database) has every contact done and its analysis recorded
+    assert query(pg_dsn, "SELECT stage, status, count(*) FROM conveyor_ledger WHERE pipeline = "
+                         "'contact-sync' GROUP BY 1, 2 ORDER BY 1") == [
+        ("", "done", 80), ("analyze", "output", 80)]
+
+
+def _execute(dsn: str, sql: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
+def test_resume_needs_a_ledger_and_a_sqlite_ledger_works(pg_dsn: str, tmp_path: Path) -> None:
+    db = str(tmp_path / "sync-ledger.db")
+    with services(pg_dsn) as cfg:
+        code, _, err = run_main(cfg, "--contacts", "5", "--resume", "--ledger", "none")
+        assert code == 2 and "need a ledger" in err
+        assert run_main(cfg, "--contacts", "20", "--ledger", "none")[0] == 0
+        assert query(pg_dsn, "SELECT to_regclass('conveyor_ledger')") == [(None,)]
+        assert run_main(cfg, "--contacts", "20", "--ledger", db)[0] == 0
+        code, out, _ = run_main(cfg, "--contacts", "30", "--ledger", db, "--resume")
+    assert code == 0 and "(20 skipped: already done)" in out, out
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM conveyor_ledger WHERE stage = '' AND "
+                            "status = 'done'").fetchone() == (30,)
+
+
+def test_failures_are_dead_letters_replayed_with_retry_failed(pg_dsn: str) -> None:
+    """A contact whose save fails permanently is a dead letter with its analysis recorded:
+    --resume reports it failed again without any call, --retry-failed replays it from save
+    (its analysis restored: the LLM is not asked twice)."""
+    with services(pg_dsn) as cfg, OpenAIServer(seed=2) as llm:
+        cfg = dataclasses.replace(cfg, openai_base_url=llm.url + "/v1")
+        assert run_main(cfg, "--contacts", "10")[0] == 0
+        # assignments of contact 4 now violate a constraint: assign fails for it, permanently
+        _execute(pg_dsn, "ALTER TABLE pipeline_assignments ADD CONSTRAINT not4 CHECK "
+                         "(contact_id <> 4) NOT VALID")
+        _execute(pg_dsn, "DELETE FROM pipeline_assignments WHERE contact_id = 4")
+        code, out, _ = run_main(cfg, "--contacts", "10")
+        assert code == 1 and "ok 9, failed 1" in out, out
+        assert llm.calls("4") == 2
+        code, out, _ = run_main(cfg, "--contacts", "10", "--resume")
+        assert code == 1 and "ok 9, failed 1" in out and "(9 skipped: already done)" in out
+        assert llm.calls("4") == 2  # a dead letter is not run again without --retry-failed
+        _execute(pg_dsn, "ALTER TABLE pipeline_assignments DROP CONSTRAINT not4")
+        code, out, _ = run_main(cfg, "--contacts", "10", "--retry-failed")
+        assert code == 0, out
+        assert "(9 skipped: already done; 1 analyses restored from the ledger)" in out
+        assert llm.calls("4") == 2  # replayed from its recorded analysis
+    assert counts(pg_dsn)["pipeline_assignments"] == (10, 10)
 
 
 def test_bad_input_fails_per_record_and_the_rest_is_stored_verbatim(
