@@ -22,6 +22,7 @@ from engine import (
     Batched,
     Budget,
     Continuous,
+    Hedge,
     ItemResult,
     ParallelBatches,
     Pipeline,
@@ -50,12 +51,24 @@ def _service(sc: Scenario, st: StageSpec, time_scale: float) -> SimulatedService
     if st.provider is not None:
         pv = st.provider
         return Provider(st.name, st.latency, capacity=pv.capacity, per_minute=pv.per_minute,
-                        tokens=pv.tokens, seed=sc.seed, time_scale=time_scale)
+                        tokens=pv.tokens, seed=sc.seed, time_scale=time_scale,
+                        correlation=st.correlation)
     rl = st.rate_limit
     faults = Faults(error_rate=st.error_rate, timeout=st.timeout,
                     rate_limit=rl.per_s if rl else None, outages=st.outages,
                     burst=rl.burst if rl else None)
-    return SimulatedService(st.name, st.latency, faults, seed=sc.seed, time_scale=time_scale)
+    return SimulatedService(st.name, st.latency, faults, seed=sc.seed, time_scale=time_scale,
+                            correlation=st.correlation)
+
+
+def _hedge(st: StageSpec, ts: float) -> Hedge | None:
+    """The stage's ``engine.Hedge``: a delay in seconds is scenario seconds (x ts live); a
+    percentile is of the calls the engine sees, already in the run's own time."""
+    h = st.hedge
+    if h is None:
+        return None
+    after = h.after if isinstance(h.after, str) else h.after * ts
+    return Hedge(after=after, max_extra=h.max_extra)
 
 
 class PauseOnRateLimit:
@@ -133,6 +146,9 @@ def build_pipeline(sc: Scenario, *, clock: Clock, time_scale: float | None = Non
             if isinstance(svc, Provider):
                 # reserve the estimate (a tokenizer's count); the engine settles with the usage
                 kw["cost"] = _estimator(svc)
+        if st.idempotent:
+            kw["idempotent"] = True
+            kw["hedge"] = _hedge(st, ts)
         stages.append(Stage(st.name, fn, concurrency, retry=retry, rate_limit=rate_limit, **kw))
         services.append(svc)
     return Pipeline(stages), services

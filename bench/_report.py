@@ -201,6 +201,56 @@ def flow_control(groups: Sequence[Group], scenario: str) -> list[str]:
             *_md_table(header, rows)]
 
 
+def _mean_of(g: Group, attr: str) -> float:
+    return statistics.fmean(float(getattr(r, attr)) for r in g.runs)
+
+
+def _unhedged(groups: Sequence[Group], g: Group) -> Group | None:
+    """The baseline of a hedged group: the same scenario, clock and strategy in the variant
+    named ``unhedged``, else in a variant (or the scenario as written) that made no hedge."""
+    same = [b for b in groups if (b.scenario, b.clock, b.strategy) == (g.scenario, g.clock,
+                                                                       g.strategy)]
+    named = [b for b in same if b.variant == "unhedged"]
+    plain = [b for b in same if all(r.hedges == 0 and r.hedged_attempts == 0 for r in b.runs)]
+    found = named or plain
+    return found[0] if found else None
+
+
+def _ratio(x: float, base: Group | None, attr: str, g: Group) -> str:
+    if base is None or base is g:
+        return "-"
+    b = _mean_of(base, attr) if attr != "makespan_s" else base.mean("makespan_s")
+    return f"{x / b:.3f}x" if b > 0 else "-"
+
+
+def hedging(groups: Sequence[Group], scenario: str) -> list[str]:
+    """The variants of a scenario where some run hedged (DESIGN.md section 10), side by side
+    with the unhedged baseline: makespan, per-item p99 time in the pipeline, extra calls,
+    hedges won."""
+    gs = [g for g in groups if g.scenario == scenario]
+    if not any(r.hedges for g in gs for r in g.runs):
+        return []
+    header = ["clock", "variant", "strategy", "runs", "makespan s", "vs unhedged",
+              "per-item p99 s", "vs unhedged", "hedges", "extra calls", "hedges won"]
+    rows = []
+    for g in gs:
+        clock = g.clock if g.clock == "virtual" else f"live x {g.time_scale:g}"
+        base = _unhedged(groups, g)
+        p99 = _mean_of(g, "in_pipeline_p99_s")
+        hedges, won = _mean_of(g, "hedges"), _mean_of(g, "hedges_won")
+        rows.append([clock, g.variant or "(as written)", g.strategy, str(len(g.runs)),
+                     _num(g, "makespan_s"), _ratio(g.mean("makespan_s"), base, "makespan_s", g),
+                     f"{p99:.2f}", _ratio(p99, base, "in_pipeline_p99_s", g), f"{hedges:.0f}",
+                     f"{100 * _mean_of(g, 'extra_calls'):.2f}%",
+                     f"{won:.0f} ({100 * won / hedges:.0f}%)" if hedges else "-"])
+    return ["", "**Hedging** (DESIGN.md section 10). *per-item p99* = the p99 over ok items of "
+                "the time an item spent in the pipeline (visible - its first call's start); "
+                "*vs unhedged* = this / the `unhedged` variant's, same clock and strategy; "
+                "*extra calls* = hedges / the other calls (first attempts and retries) of the "
+                "hedged stages, which the allowance `max_extra` caps; *hedges won* = hedges "
+                "that finished first.", "", *_md_table(header, rows)]
+
+
 def _agreement(groups: Sequence[Group], scenario: str) -> list[str]:
     virtual = {g.label: g for g in groups if g.scenario == scenario and g.clock == "virtual"}
     live = [g for g in groups if g.scenario == scenario and g.clock == "live"]
@@ -288,6 +338,7 @@ def write_report(runs: Sequence[RunData], root: Path, path: Path,
                          f"{g.mean('ok'):.0f}", f"{g.mean('failed'):.0f}"])
         lines += _md_table(header, rows)
         lines += flow_control(groups, scenario)
+        lines += hedging(groups, scenario)
         lines += _agreement(groups, scenario)
         for p in plots.get(scenario, []):
             rel = p.relative_to(path.parent) if p.is_relative_to(path.parent) else p

@@ -97,6 +97,19 @@ class RunData:
     #: first GANTT_ITEMS items: (index, ((stage, start, end), ...), visible_at or None)
     gantt: tuple[tuple[int, tuple[tuple[str, float, float], ...], float | None], ...]
     calls: Mapping[str, int] = field(default_factory=dict)  #: calls made per stage
+    #: the p99 (numpy's linear percentile) over ok items of the time an item spent in the
+    #: pipeline: visible_at - its first call's start (0 with no ok item)
+    in_pipeline_p99_s: float = 0.0
+    hedges: int = 0  #: hedged duplicates started, over all stages (section 6.1)
+    hedges_won: int = 0  #: hedges that finished first
+    #: calls of the hedged stages that are not hedges (first attempts and retries): what the
+    #: hedge allowance (max_extra x calls) is a share of
+    hedged_attempts: int = 0
+
+    @property
+    def extra_calls(self) -> float:
+        """Hedges / the other calls of the hedged stages: the extra calls hedging cost."""
+        return self.hedges / self.hedged_attempts if self.hedged_attempts else 0.0
 
     @property
     def variant(self) -> str:
@@ -150,13 +163,33 @@ def run_data(doc: Mapping[str, Any], path: Path) -> RunData:
         spans = tuple((st["name"], float(st["start"]), float(st["end"])) for st in it["stages"])
         gantt.append((int(it["index"]), spans, it["visible_at"]))
     calls: dict[str, int] = {}
+    primary: dict[str, int] = {}
+    hedged_calls: dict[str, int] = {}
+    in_pipeline = []
     for it in items:
         for st in it["stages"]:
-            calls[st["name"]] = calls.get(st["name"], 0) + len(st["calls"])
+            name = st["name"]
+            calls[name] = calls.get(name, 0) + len(st["calls"])
+            h = sum(1 for c in st["calls"] if len(c) > 2 and c[2].get("hedge"))
+            if h:
+                hedged_calls[name] = hedged_calls.get(name, 0) + h
+            primary[name] = primary.get(name, 0) + len(st["calls"]) - h
+        if it["status"] == "ok" and it["stages"]:
+            in_pipeline.append(float(it["visible_at"]) - float(it["stages"][0]["start"]))
+    stages = meta["stages"]
+    hedged = {s["name"] for s in stages if s.get("hedges")} | set(hedged_calls)
+    # the engine's counters when it wrote them, else what the calls say
+    hedges = sum(int(s.get("hedges") or hedged_calls.get(s["name"], 0)) for s in stages
+                 if s["name"] in hedged)
+    won = sum(int(s.get("hedges_won") or 0) for s in stages)
     return RunData(path=Path(path), metadata=meta,
-                   summary=summarize(items, meta["stages"], meta.get("budgets") or None),
+                   summary=summarize(items, stages, meta.get("budgets") or None),
                    problems=tuple(validate(doc)),
-                   visible=visible_ok(items), gantt=tuple(gantt), calls=calls)
+                   visible=visible_ok(items), gantt=tuple(gantt), calls=calls,
+                   in_pipeline_p99_s=float(np.percentile(in_pipeline, 99)) if in_pipeline
+                   else 0.0,
+                   hedges=hedges, hedges_won=won,
+                   hedged_attempts=sum(primary.get(n, 0) for n in hedged))
 
 
 #: first line of the ``.gitignore`` bench writes into an output directory it keeps out of git
@@ -208,7 +241,8 @@ STRATEGY_ORDER = {"continuous": 0, "parallel-batches": 1, "batched": 2}
 
 
 #: the built-in scenarios' variants, from the naive to the adaptive; others follow by name
-VARIANT_ORDER = {"": 0, "fixed-50": 1, "best-fixed": 2, "pause-all": 3, "adaptive": 4}
+VARIANT_ORDER = {"": 0, "fixed-50": 1, "best-fixed": 2, "pause-all": 3, "adaptive": 4,
+                 "unhedged": 5, "hedged": 6, "p95": 6, "sticky": 7}
 
 
 def sort_key(r: RunData) -> tuple[str, int, int, str, int, int, str]:
@@ -218,7 +252,8 @@ def sort_key(r: RunData) -> tuple[str, int, int, str, int, int, str]:
 
 CSV_FIELDS = ("scenario", "clock", "variant", "strategy", "params", "repeat", "seed",
               "time_scale", "items", *SUMMARY_KEYS, "budget_bound_s", "overloaded",
-              "overload_share", "valid", "path")
+              "overload_share", "in_pipeline_p99_s", "hedges", "hedges_won", "extra_calls",
+              "valid", "path")
 
 
 def summary_rows(runs: Iterable[RunData], root: Path) -> list[dict[str, Any]]:
@@ -238,6 +273,10 @@ def summary_rows(runs: Iterable[RunData], root: Path) -> list[dict[str, Any]]:
         row["budget_bound_s"] = "" if bb is None else round(float(bb), 6)
         row["overloaded"] = r.overloaded
         row["overload_share"] = round(r.overload_share, 6)
+        row["in_pipeline_p99_s"] = round(r.in_pipeline_p99_s, 6)
+        row["hedges"] = r.hedges
+        row["hedges_won"] = r.hedges_won
+        row["extra_calls"] = round(r.extra_calls, 6)
         row["valid"] = "yes" if not r.problems else "NO: " + r.problems[0]
         try:
             row["path"] = str(r.path.relative_to(root))

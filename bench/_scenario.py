@@ -23,6 +23,7 @@ __all__ = [
     "STRATEGY_NAMES",
     "AdaptiveSpec",
     "BudgetSpec",
+    "HedgeSpec",
     "ProviderSpec",
     "RateLimitSpec",
     "RetrySpec",
@@ -124,6 +125,15 @@ class BudgetSpec:
 
 
 @dataclass(frozen=True)
+class HedgeSpec:
+    """``hedge = { after = 2.5 | "p95", max_extra = 0.05 }``: the engine's ``Hedge`` (DESIGN.md
+    section 10); ``after`` in scenario seconds, or a running percentile of the stage's calls."""
+
+    after: float | str
+    max_extra: float = 0.05
+
+
+@dataclass(frozen=True)
 class StageSpec:
     name: str
     concurrency: int  #: the fixed limit, or an adaptive stage's max
@@ -139,6 +149,12 @@ class StageSpec:
     #: the OpenAI cookbook's rule: every rate-limit error of the stage pauses its budget for at
     #: least this long (its retry_after becomes max(pause_s, its own))
     pause_s: float | None = None
+    #: safe to call twice for one item (reads, upserts): only then may it be hedged
+    idempotent: bool = False
+    hedge: HedgeSpec | None = None
+    #: how much of an item's slowness a second call of it (hedge or retry) repeats: 0 = a
+    #: fresh draw (a slow server), 1 = the same latency (a contact slow every time)
+    correlation: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -389,6 +405,30 @@ def _provider(value: Any, where: str, base: Path) -> ProviderSpec:
     return ProviderSpec(per_minute, capacity, tokens)
 
 
+_PCT_RE = re.compile(r"^p(\d+(?:\.\d+)?)$")
+
+
+def _hedge(value: Any, where: str) -> HedgeSpec:
+    tbl = _table(value, where)
+    _keys(tbl, where, ("after",), ("max_extra",))
+    after: float | str
+    a = tbl["after"]
+    expected = "seconds > 0 or a running percentile such as \"p95\" (p1 to p99.9)"
+    if isinstance(a, str):
+        m = _PCT_RE.match(a)
+        if m is None or not 0 < float(m.group(1)) < 100:
+            raise _Invalid(f"{where}.after", f"expected {expected}, got {a!r}")
+        after = a
+    else:
+        after = _num(a, f"{where}.after", gt=0, what=expected)
+    max_extra = _num(tbl.get("max_extra", 0.05), f"{where}.max_extra", gt=0,
+                     what="a share of the stage's calls in (0, 1], e.g. 0.05")
+    if max_extra > 1:
+        raise _Invalid(f"{where}.max_extra", f"expected a share of the stage's calls in (0, 1], "
+                                             f"e.g. 0.05, got {tbl['max_extra']}")
+    return HedgeSpec(after, max_extra)
+
+
 #: keys a stage with a provider may not have: the provider is the service and its faults
 _NOT_WITH_PROVIDER = ("errors", "timeout", "rate_limit", "outages")
 
@@ -397,7 +437,7 @@ def _stage(value: Any, where: str, base: Path) -> StageSpec:
     tbl = _table(value, where)
     _keys(tbl, where, ("name", "concurrency", "latency"),
           ("errors", "timeout", "rate_limit", "outages", "retry", "provider", "budget",
-           "pause_s"))
+           "pause_s", "idempotent", "hedge", "correlation"))
     name = _str(tbl["name"], f"{where}.name")
     if not _NAME_RE.match(name):
         raise _Invalid(f"{where}.name", f"expected letters, digits, '.', '_' or '-', got {name!r}")
@@ -432,8 +472,19 @@ def _stage(value: Any, where: str, base: Path) -> StageSpec:
         if budget is None:
             raise _Invalid(f"{where}.pause_s", "needs budget = \"NAME\" (a rate-limit error "
                                                "pauses the stage's budget)")
+    idempotent = _bool(tbl.get("idempotent", False), f"{where}.idempotent")
+    hedge = _hedge(tbl["hedge"], f"{where}.hedge") if "hedge" in tbl else None
+    if hedge is not None and not idempotent:
+        raise _Invalid(f"{where}.hedge", f"stage {name!r} is not idempotent: a hedge calls it "
+                                         "twice for one item; declare idempotent = true if "
+                                         "that is safe")
+    correlation = _num(tbl.get("correlation", 0.0), f"{where}.correlation", ge=0,
+                       what="a number from 0 (a fresh draw) to 1 (the same latency)")
+    if correlation > 1:
+        raise _Invalid(f"{where}.correlation", "expected a number from 0 (a fresh draw) to 1 "
+                                               f"(the same latency), got {tbl['correlation']}")
     return StageSpec(name, concurrency, latency, error_rate, timeout, rate_limit, outages, retry,
-                     adaptive, provider, budget, pause_s)
+                     adaptive, provider, budget, pause_s, idempotent, hedge, correlation)
 
 
 def _budgets(value: Any, stages: tuple[StageSpec, ...]) -> tuple[BudgetSpec, ...]:
@@ -567,10 +618,13 @@ def _scenario(doc: Any, source: str, base: Path) -> Scenario:
 # --------------------------------------------------------------------------- variants
 
 #: what a variant may change in a stage: how it runs, never the workload (latency, provider,
-#: faults), so that every variant runs on the same latencies and is measured on one bound
-VARIANT_STAGE_KEYS = ("concurrency", "budget", "pause_s", "retry")
+#: faults), so that every variant runs on the same latencies and is measured on one bound.
+#: ``correlation`` is the one exception: it changes only the second calls of an item (hedges,
+#: retries), every first call keeps its latency, so hedged variants compare on the same draws
+VARIANT_STAGE_KEYS = ("concurrency", "budget", "pause_s", "retry", "idempotent", "hedge",
+                      "correlation")
 #: stage keys an override of ``false`` removes
-_REMOVABLE = ("budget", "pause_s", "retry")
+_REMOVABLE = ("budget", "pause_s", "retry", "hedge")
 
 
 def _override(doc: dict[str, Any], path: str, value: Any, where: str) -> str:
