@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-HOT = ("_core", "_policies", "_scheduler", "_virtual")  # in dependency order
+HOT = ("_core", "_policies", "_flow", "_scheduler", "_virtual")  # in dependency order
 
 
 def use_compiled(package: str, here: Path, hot: tuple[str, ...]) -> bool:

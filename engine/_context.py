@@ -53,12 +53,20 @@ class CurrentCall(CallInfo):
 
     def sleep(self, seconds: float) -> bool:
         """``time.sleep(seconds)``, cut short when the engine discards this call (its hedged
-        twin won); returns True if it was cut short."""
+        twin won); returns True if it was cut short. It blocks: in a coroutine (an async
+        stage) use :meth:`asleep`."""
         event = self.__dict__["_call"].event
         if event is None:
             time.sleep(seconds)
             return False
         return bool(event.wait(seconds))
+
+    async def asleep(self, seconds: float) -> bool:
+        """``await asyncio.sleep(seconds)``, cut short when the engine discards this call (its
+        hedged twin won); returns True if it was cut short. For async stages."""
+        from ._async import asleep  # asyncio only where it is used
+
+        return await asleep(seconds, self.__dict__["_call"])
 
     @property
     def cancelled(self) -> bool:

@@ -122,8 +122,9 @@ class Admission:
         """Queue ``item`` for its next stage (the first after admission)."""
         raise NotImplementedError
 
-    def emit(self, items: tuple[_Item, ...] | list[_Item]) -> None:
-        """``items`` become visible now (together)."""
+    def emit(self, items: tuple[_Item, ...] | list[_Item], *, record: bool = True) -> None:
+        """``items`` become visible now (together); ``record``: tell the run's ledger how
+        they ended."""
         raise NotImplementedError
 
     def drop(self, item: _Item) -> None:

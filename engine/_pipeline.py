@@ -63,6 +63,10 @@ class Pipeline:
             check_int("processes", options.processes)
             if options.clock == "virtual":
                 raise ValueError("processes: the virtual clock runs no calls; drop processes")
+            for st in self.stages:
+                if st.is_async:
+                    raise ValueError(f"processes: Stage {st.name!r} is async: its coroutines "
+                                     "run on the run's event loop, not in worker processes")
         check_bool("ordered", options.ordered)
         check_bool("retry_failed", options.retry_failed)
         check_type("ledger", options.ledger, Ledger, "an engine.Ledger (SqliteLedger, "

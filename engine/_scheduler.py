@@ -25,17 +25,17 @@ waiting there in one go (streamed hand-offs, decisions in bulk).
 from __future__ import annotations
 
 import logging
-import threading
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from ._cancel import CancelToken
-from ._core import Admission, Backend, Policy, _Call, _Item
+from ._core import Backend, Policy, _Call, _Item
 from ._durable import Durable
 from ._errors import WorkerLost
 from ._feed import Feed
-from ._records import Attempt, ErrorInfo, ItemResult, StageSpan, StageStats
+from ._flow import FlowSteps, _HedgeDue
+from ._records import Attempt, ErrorInfo, ItemResult, StageSpan
 from ._retry import RetryPolicy, unit_random
 from ._stage import Stage
 from ._stagestate import StageState
@@ -50,19 +50,9 @@ log = logging.getLogger("engine")
 _new = tuple.__new__  # builds a named tuple without its Python-level __new__ (hot path)
 
 
-class _HedgeDue:
-    """A timer: ``call`` has run as long as its stage hedges after (``late``: and longer:
-    a look again after the allowance said no)."""
-
-    __slots__ = ("call", "late")
-
-    def __init__(self, call: _Call, late: bool = False) -> None:
-        self.call = call
-        self.late = late
-
-
-class Scheduler(Admission):
-    """Admission, stage queues and slots, retries, cancellation, visibility."""
+class Scheduler(FlowSteps):
+    """Admission, stage queues and slots, retries, cancellation, visibility (the flow-control
+    and durability steps it takes are in ``engine._flow``)."""
 
     def __init__(self, stages: tuple[Stage, ...], feed: Feed, cancel: CancelToken, *,
                  virtual: bool = False) -> None:
@@ -136,36 +126,6 @@ class Scheduler(Admission):
             if entry is None or not self._restore(item, entry):
                 return item
             # the ledger had it done (or failed, not replayed): reported now, not run
-
-    def _restore(self, item: _Item, entry: Any) -> bool:
-        """Apply the ledger's entry; True when the item needs no run at all (then it has
-        been emitted). A resumed item goes on from the stage after its last checkpoint."""
-        durable = self.durable
-        assert durable is not None
-        try:
-            restored = durable.restore(entry)
-        except Exception as exc:  # a payload the codec cannot decode: that item fails
-            item.error = ErrorInfo.from_exception(self.names[0], exc)
-            item.status = "failed"
-            self.emit((item,), record=False)
-            return True
-        if restored is None:
-            return False
-        now = self.backend.now()
-        if restored.kind == "failed":
-            item.status, item.error = "failed", restored.error
-            self.emit((item,), record=False)
-            return True
-        item.spans = durable.spans(restored.stage, now)
-        for s in range(restored.stage + 1):
-            self.stages[s].resumed += 1
-        item.value = restored.value
-        if restored.kind == "done":
-            item.status = "ok"
-            self.emit((item,), record=False)
-            return True
-        item.stage = restored.stage  # advance() moves it on to the next stage
-        return False
 
     def advance(self, item: _Item) -> None:
         """Queue ``item`` for its next stage (the first after admission), first attempt there.
@@ -259,70 +219,6 @@ class Scheduler(Admission):
             st.peak = n
         self.backend.start(_Call(item, st.index, st.name, item.attempt, False, item.queued_at))
 
-    def _next_call(self, st: StageState) -> _Call | None:
-        """The call to start next at the stage (hedge requests that went stale are dropped)."""
-        due = st.hedge_due
-        while due:
-            primary = due[0]
-            item = primary.item
-            if primary.done or item.won or item.running != 1 or primary.twin is not None:
-                due.popleft()
-                continue
-            hedge = _Call(item, st.index, st.name, primary.attempt, True, self.backend.now())
-            hedge.twin, primary.twin = primary, hedge
-            return hedge
-        item = st.waiting[0]
-        return _Call(item, st.index, st.name, item.attempt, False, item.queued_at)
-
-    def _gate(self, st: StageState, call: _Call) -> bool | None:
-        """Whether the stage's rate limit and budget let ``call`` start now; if not, wake
-        when they may (one wake-up per stage pending at a time). None: ``cost(value)`` raised,
-        and the call's item failed with that error."""
-        backend = self.backend
-        now = backend.now()
-        if st.wake_at > now:
-            return False
-        try:
-            wait = st.gate_wait(call, now, backend.budget_now())
-        except Exception as exc:  # the cost estimate raised: that item fails, the run goes on
-            st.head = None
-            item = call.item
-            (st.hedge_due if call.hedge else st.waiting).popleft()
-            if not call.hedge:
-                item.error = ErrorInfo.from_exception(st.name, exc)
-                self._finish(item, "failed")
-            return None
-        if wait <= 0.0:
-            st.gate_opened(now)
-            return True
-        st.gate_closed(now)
-        st.wake_at = now + wait
-        backend.call_later(wait, st)
-        return False
-
-    def _start(self, st: StageState, call: _Call) -> None:
-        st.running += 1
-        st.started += 1
-        call.item.running += 1
-        if st.running > st.peak:
-            st.peak = st.running
-        backend = self.backend
-        call.started_at = backend.now()
-        hedge = st.hedge
-        if hedge is not None:
-            if not self.virtual:
-                call.event = threading.Event()  # wakes its sleep if it loses
-            if call.hedge:
-                hedge.hedges += 1
-                st.hedges += 1
-            else:
-                d = hedge.delay()
-                if d is not None:
-                    backend.call_later(d, _HedgeDue(call))
-                else:  # no running percentile yet: armed once there is one
-                    st.unarmed.append(call)
-        backend.start(call)
-
     def _drain(self) -> None:
         """The run is cancelled: every item still waiting for a slot ends cancelled now."""
         for st in self.stages:
@@ -331,21 +227,6 @@ class Scheduler(Admission):
             while st.waiting:
                 self._finish(st.waiting.popleft(), "cancelled")
         self.drop_unadmitted()
-
-    def drop_unadmitted(self) -> None:
-        """Items read from the input but not admitted when the run was cancelled: taken from
-        the caller's iterator, so reported (cancelled), never silently lost."""
-        read = self.feed.stop()
-        if read:
-            items = []
-            for value, key, _ in read:
-                index = self.next_index
-                self.next_index = index + 1
-                self.open += 1
-                item = _Item(index, index if key is None else key, value)
-                item.status = "cancelled"
-                items.append(item)
-            self.emit(items)
 
     # -- called by the backend -----------------------------------------------------------------
     def after_events(self) -> None:
@@ -386,25 +267,6 @@ class Scheduler(Admission):
             if st.head is not None and not st.head.hedge:
                 st.head = None  # the call prepared for the old head waits behind it now
             self._pump(st)
-
-    def _hedge_due(self, call: _Call, obj_is_late: bool = False) -> None:
-        """``call`` has run as long as its stage hedges after: queue one duplicate, ahead of
-        first attempts. Over the allowance, look again a quarter of the hedge delay later (the
-        allowance grows with every call started, and the calls still running by then are the
-        slow ones: the tail's fast end has finished)."""
-        item = call.item
-        st = self.stages[call.stage]
-        hedge = st.hedge
-        if (call.done or item.won or item.running != 1 or call.twin is not None
-                or self.cancel.cancelled or hedge is None):
-            return
-        if not hedge.allowed(st.started - st.hedges, first_look=not obj_is_late):
-            d = hedge.delay()
-            if d is not None and hedge.active:  # the allowance grows with every call started
-                self.backend.call_later(d / 4, _HedgeDue(call, late=True))
-            return
-        st.hedge_due.append(call)
-        self._pump(st)
 
     def on_done(self, call: _Call, start: float, end: float, ok: bool | None,
                 result: Any) -> None:
@@ -476,46 +338,6 @@ class Scheduler(Admission):
             self.policy.item_done(item)
         else:
             self.policy.stage_done(item)
-
-    def _checkpoint(self, st: StageState, item: _Item) -> None:
-        """Record a checkpointed stage's output; the item moves on once it is durable (live:
-        the ledger's writer posts it back; virtual: at once, the run's end flushes)."""
-        durable = self.durable
-        assert durable is not None
-        posted, wake = self.posted, self.backend_wake
-        try:
-            if self.virtual:
-                durable.checkpoint(item.key, item.stage, item.value, None)
-            else:
-                def on_durable(error: BaseException | None) -> None:  # the writer's thread
-                    posted.append((item, error))
-                    wake()
-
-                durable.checkpoint(item.key, item.stage, item.value, on_durable)
-                return
-        except Exception as exc:  # CodecError: the output cannot be recorded; LedgerError
-            item.error = ErrorInfo.from_exception(st.name, exc)
-            self._finish(item, "failed")
-            return
-        self._move_on(item)
-
-    def _durable_done(self, item: _Item, error: BaseException | None) -> None:
-        if error is not None:
-            item.error = ErrorInfo.from_exception(self.names[item.stage], error)
-            self._finish(item, "failed")
-        else:
-            self._move_on(item)
-
-    def _arm(self, st: StageState) -> None:
-        """The stage's hedge delay is known now: arm the calls that started before it was."""
-        assert st.hedge is not None
-        d = st.hedge.delay()
-        assert d is not None
-        now = self.backend.now()
-        for call in st.unarmed:
-            if not call.done:
-                self.backend.call_later(max(0.0, call.started_at + d - now), _HedgeDue(call))
-        st.unarmed = []
 
     def _won_plain(self, st: StageState, item: _Item, start: float, end: float, result: Any,
                    queued_at: float) -> None:
@@ -607,16 +429,4 @@ class Scheduler(Admission):
             item.error = None
         item.status = status
         self.policy.item_done(item)
-
-    def stats(self, wall: float) -> tuple[StageStats, ...]:
-        return tuple(
-            StageStats(st.name, st.max, st.calls, st.errors, st.retries, st.busy, st.wait,
-                       min(st.peak, st.max, st.executor_workers or st.max), wall,
-                       limit_wait_s=st.limit_wait, budget_wait_s=st.budget_wait,
-                       overloaded=st.overloaded, hedges=st.hedges, hedges_won=st.hedges_won,
-                       resumed=st.resumed, executor_workers=st.executor_workers,
-                       limit_timeline=st.timeline,
-                       budget=None if st.budget is None else st.budget.name)
-            for st in self.stages
-        )
 

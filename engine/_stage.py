@@ -38,6 +38,11 @@ class Stage:
     client); ``fn`` is then called as ``fn(value, resource)`` and ``resource.close()`` (if it
     has one) is called when the run ends.
 
+    ``fn`` may be ``async def`` (and ``init`` too, e.g. an ``AsyncOpenAI`` client): its calls
+    run as coroutines on one event-loop thread owned by the run, up to ``concurrency`` at
+    once, under the same scheduler; ``init`` then runs once per stage per run and
+    ``aclose()``/``close()`` is awaited at the end.
+
     Flow control (DESIGN §9): ``concurrency=Adaptive(initial, max=...)`` lets the limit move
     (AIMD on overload signals); ``budget`` (a shared :class:`~engine.Budget`) is reserved
     before each call -- ``cost(value)`` is the estimate (``requests`` is always 1) -- and
@@ -63,6 +68,11 @@ class Stage:
     hedge: Hedge | None = None
     checkpoint: bool = False
     codec: Codec | None = None
+
+    @property
+    def is_async(self) -> bool:
+        """An ``async def`` stage: its calls are coroutines on the run's event-loop thread."""
+        return _is_async(self.fn)
 
     @property
     def max_concurrency(self) -> int:

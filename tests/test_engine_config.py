@@ -134,16 +134,30 @@ class AsyncCallableWithSimulate(AsyncCallable):
         lambda: Stage("fetch", AsyncCallable()),
         lambda: Stage("fetch", AsyncCallableWithSimulate()),
         lambda: Stage("fetch", functools.partial(async_fn)),
+    ],
+    ids=["async-def", "async-call", "async-call-simulate", "partial"],
+)
+def test_async_stage_functions_are_accepted(make) -> None:
+    assert make().name == "fetch"  # run on the run's event-loop thread (test_engine_async.py)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
         lambda: Stage("fetch", ident, init=async_init),
         lambda: Stage("fetch", ident, concurrency=2, init=AsyncCallable()),
         lambda: Stage("fetch", async_fn, executor="process"),
     ],
-    ids=["async-def", "async-call", "async-call-simulate", "partial", "init", "init-callable",
-         "process"],
+    ids=["async-init-on-a-sync-stage", "async-init-callable", "async-on-a-process-pool"],
 )
-def test_async_stage_function_rejected_naming_the_stage(make) -> None:
-    with pytest.raises(TypeError, match=r"Stage 'fetch'.*async"):
+def test_async_where_it_cannot_run_is_rejected_naming_the_stage(make) -> None:
+    with pytest.raises(ValueError, match=r"Stage 'fetch'.*async"):
         make()
+
+
+def test_async_stage_with_processes_is_rejected_naming_the_stage() -> None:
+    with pytest.raises(ValueError, match=r"processes: Stage 'fetch'.*async"):
+        Pipeline([Stage("fetch", async_fn)]).run([1], processes=2)
 
 
 def test_sync_callable_object_accepted() -> None:
