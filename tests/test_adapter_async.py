@@ -5,6 +5,7 @@ Run directly with asyncio.run; the engine-level tests need ``async def`` stages 
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from test_adapter_llm import (
     completion,
     contacts,
     good,
+    key_echo,
     openai_budget,
     reported_usage,
 )
@@ -481,3 +483,17 @@ def test_async_429_storm_pauses_the_budget() -> None:
     for when, until in b.pauses:
         assert not [g for g in b.grants if when < g < until - 1e-3]
     assert served == {1}
+
+
+@needs_async_stages
+def test_no_error_record_of_an_async_run_holds_the_key() -> None:
+    with ScriptedServer(key_echo) as srv:
+        llm = AsyncLLMAnalyze(base_url=srv.url + "/v1", api_key=KEY, model="m")
+        report = Pipeline([Stage("analyze", llm, concurrency=3,
+                                 retry=RetryPolicy(attempts=2, backoff=0.0,
+                                                   retry_on=RETRYABLE))]).run(contacts(7))
+        llm.close()
+    errors = [r.error for r in report.items if r.error is not None]
+    assert len(errors) == 7 and all(e.traceback for e in errors)
+    text = json.dumps(report.to_json(), default=str)
+    assert "Incorrect API key" in text and KEY not in text

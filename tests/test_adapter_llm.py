@@ -390,25 +390,26 @@ def test_usage_of_an_unusable_answer_is_still_charged() -> None:
 
 
 def test_estimate_is_prompt_chars_over_4_plus_the_output_cap() -> None:
-    with ScriptedServer(good) as srv:
-        llm = LLMAnalyze(base_url=srv.url + "/v1", api_key=KEY, model="m")
+    with ScriptedServer(good) as srv, \
+            LLMAnalyze(base_url=srv.url + "/v1", api_key=KEY, model="m") as llm, \
+            LLMAnalyze(base_url=srv.url + "/v1", api_key=KEY, model="m",
+                       max_output_tokens=50) as small, \
+            LLMAnalyze(base_url=srv.url + "/v1", api_key=KEY, model="m",
+                       max_output_tokens=None) as unsent:
         chars = len(SYSTEM_PROMPT) + len(llm.prompt(FETCHED))
         assert llm.estimate(FETCHED) == {"tokens": chars // 4 + 1 + DEFAULT_OUTPUT_ESTIMATE}
         llm(FETCHED)
         assert srv.requests[0].json()["max_completion_tokens"] == DEFAULT_OUTPUT_ESTIMATE
-        small = LLMAnalyze(base_url=srv.url + "/v1", api_key=KEY, model="m",
-                           max_output_tokens=50)
         assert small.estimate(FETCHED) == {"tokens": chars // 4 + 1 + 50}
-        unsent = LLMAnalyze(base_url=srv.url + "/v1", api_key=KEY, model="m",
-                            max_output_tokens=None)
         unsent(FETCHED)
         assert "max_completion_tokens" not in srv.requests[-1].json()
         assert unsent.estimate(FETCHED) == llm.estimate(FETCHED)
-        for bad in (0, -1, 1.5, True):
-            with pytest.raises(ValueError, match="max_output_tokens"):
-                LLMAnalyze(base_url=srv.url, api_key=KEY, model="m", max_output_tokens=bad)
-        with pytest.raises(TypeError, match="budget"):
-            LLMAnalyze(base_url=srv.url, api_key=KEY, model="m", budget={"tokens": 1})  # type: ignore[arg-type]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_output_tokens"):
+            LLMAnalyze(base_url="http://x/v1", api_key=KEY, model="m", max_output_tokens=bad)
+    with pytest.raises(TypeError, match="budget"):
+        LLMAnalyze(base_url="http://x/v1", api_key=KEY, model="m",
+                   budget={"tokens": 1})  # type: ignore[arg-type]
 
 
 def test_the_estimate_bounds_the_fake_servers_usage() -> None:
@@ -449,3 +450,27 @@ def test_a_429_storm_pauses_the_budget_and_every_item_gets_through() -> None:
         for a in r.stages[0].attempts:
             if a.error is not None:
                 assert a.cost is not None and a.cost["tokens"] == 0  # refused: refunded
+
+
+def key_echo(req: Request) -> Reply:
+    """Every status an LLM API answers, each quoting the key it was sent."""
+    status = [400, 401, 403, 404, 429, 500, 503][int(req.json()["messages"][1]["content"]
+                                                     .split("#")[1].split('"')[0]) % 7]
+    return Reply.json({"error": {"message": f"Incorrect API key provided: "
+                                            f"{req.headers.get('authorization')} ({KEY})"}},
+                      status, **{"Retry-After": "0"})
+
+
+def test_no_error_record_of_a_run_holds_the_key() -> None:
+    with ScriptedServer(key_echo) as srv, \
+            LLMAnalyze(base_url=srv.url + "/v1", api_key=KEY, model="m") as llm:
+        report = Pipeline([Stage("analyze", llm, concurrency=3,
+                                 retry=RetryPolicy(attempts=2, backoff=0.0,
+                                                   retry_on=RETRYABLE))]).run(contacts(7))
+    assert not any(r.ok for r in report.items)
+    text = json.dumps(report.to_json(), default=str)
+    errors = [r.error for r in report.items if r.error is not None]
+    assert len(errors) == 7 and all(e.traceback for e in errors)
+    assert "Incorrect API key" in text  # the echo is there...
+    assert KEY not in text  # ...scrubbed, in messages and tracebacks alike
+    assert all(KEY not in e.traceback and KEY not in e.message for e in errors)
