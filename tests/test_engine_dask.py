@@ -9,7 +9,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -95,7 +95,7 @@ def test_worker_lost_errors_are_recognised() -> None:
     from distributed.comm.core import CommClosedError
     from distributed.scheduler import KilledWorker
 
-    assert is_worker_lost(KilledWorker("task", "worker", 1))
+    assert is_worker_lost(KilledWorker("task", cast(Any, "worker"), 1))
     assert is_worker_lost(CommClosedError("closed"))
     assert not is_worker_lost(OSError("other"))
 
