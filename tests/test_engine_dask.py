@@ -59,7 +59,7 @@ def make_resource(log: str) -> dict[str, Any]:
     return res
 
 
-class Closing(dict):  # type: ignore[type-arg]
+class Closing(dict[str, Any]):
     def close(self) -> None:
         with open(self["log"], "a") as f:
             f.write(f"close {self['id']}\n")
