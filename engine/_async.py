@@ -54,7 +54,8 @@ async def asleep(seconds: float, call: Any = None) -> bool:
             raise RuntimeError("asleep() is only available inside an async stage call run by "
                                "the engine")
     else:
-        call = call.__dict__.get("_call", call)  # a CurrentCall, or the engine's own record
+        # a CurrentCall (its record in __dict__), or the engine's own record (slots)
+        call = getattr(call, "__dict__", {}).get("_call", call)
     event = call.event
     if event is None:  # not hedged: nothing can cut it short
         await asyncio.sleep(seconds)

@@ -13,7 +13,7 @@ import time
 import traceback as _tb
 from typing import Any
 
-__all__ = ["StageInitError", "WorkerLost", "describe", "retry_after_of", "safe_str"]
+__all__ = ["RemoteError", "StageInitError", "WorkerLost", "describe", "retry_after_of", "safe_str"]
 
 TRACEBACK_LIMIT = 8192  # characters of formatted traceback kept per error (its tail)
 
@@ -29,6 +29,21 @@ class StageInitError(RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.stage, self.__cause__))
+
+
+class RemoteError(Exception):
+    """An exception raised in a worker process that does not survive pickling (e.g. its
+    ``__init__`` takes two arguments), carried back as its module-qualified type, message and
+    formatted traceback instead of breaking the pool. The item's error names the original
+    type (``ErrorInfo.type`` / ``exc_type``)."""
+
+    def __init__(self, qualified_type: str, message: str, traceback: str) -> None:
+        super().__init__(message)
+        self.qualified_type = qualified_type
+        self.remote_traceback = traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (RemoteError, (self.qualified_type, str(self), self.remote_traceback))
 
 
 class WorkerLost(RuntimeError):
@@ -67,7 +82,11 @@ def format_traceback(exc: BaseException) -> str:
 
 
 def describe(exc: BaseException) -> tuple[str, str, str, str]:
-    """(type name, message, module-qualified type, traceback) of ``exc``; never raises."""
+    """(type name, message, module-qualified type, traceback) of ``exc``; never raises. A
+    :class:`RemoteError` describes the exception it stands for."""
+    if isinstance(exc, RemoteError):
+        q = exc.qualified_type
+        return (q.rpartition(".")[2], safe_str(exc), q, exc.remote_traceback)
     return (type(exc).__name__, safe_str(exc), qualified_type(exc), format_traceback(exc))
 
 

@@ -1,7 +1,7 @@
 """The live backend: real time, calls on long-lived worker threads.
 
-Each stage has an inbox (a ``SimpleQueue``) and one worker loop per slot, submitted once to the
-stage's ``ThreadPoolExecutor``: a call costs two ``SimpleQueue`` hand-offs, not a ``Future``.
+Each stage has an inbox (a ``SimpleQueue``) and one worker loop per slot, each on its own
+(daemon) thread: a call costs two ``SimpleQueue`` hand-offs, not a ``Future``.
 The scheduler hands a call over only when the stage has a free slot, so a worker never waits
 for a slot or a rate limit, and the limit holds by construction. A stage on a process pool or
 a caller's executor gets the same worker loops as relays: each submits its call to the
@@ -18,6 +18,7 @@ import concurrent.futures.thread  # registers its exit hook now, so ours (below)
 import contextlib
 import heapq
 import itertools
+import pickle
 import queue
 import threading
 import time
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from ._cancel import CancelToken
 from ._context import _local
 from ._core import Backend, _Call
-from ._errors import StageInitError, WorkerLost
+from ._errors import RemoteError, StageInitError, WorkerLost, describe
 from ._stage import Stage, _is_async
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["LiveBackend"]
 
 _STOP = None  # tells a worker loop to exit
+_MAX_WAIT = 3600.0  # longest single wait for a timer (a longer one is waited for in steps)
 _COROUTINE = types.CoroutineType
 _UNSTARTED = 1 << 62  # an async stage's "worker loops": the event loop, never spawned
 
@@ -92,7 +94,15 @@ threading._register_atexit(_abandon_all)  # type: ignore[attr-defined]
 
 def _timed(fn: Callable[[Any], Any], value: Any) -> _Timed:
     t0 = time.perf_counter()
-    result = fn(value)
+    try:
+        result = fn(value)
+    except Exception as exc:  # runs in the worker: make sure the parent can read it
+        try:
+            pickle.loads(pickle.dumps(exc))
+        except Exception:
+            _, message, qualified, tb = describe(exc)
+            raise RemoteError(qualified, message, tb) from None
+        raise
     return _Timed(t0, time.perf_counter(), result)
 
 
@@ -193,7 +203,9 @@ class LiveBackend(Backend):
         self._cancel = cancel
         self._stages = stages
         self._inboxes: list[Any] = []  # a SimpleQueue per thread stage, the loop for async
-        self._pools: list[concurrent.futures.ThreadPoolExecutor] = []
+        # worker loops per stage: daemon threads, so that after a second Ctrl-C (close without
+        # waiting) a call still running cannot keep the interpreter from exiting
+        self._threads: list[list[threading.Thread]] = []
         self._calls: list[Callable[..., Any]] = []
         self._started: list[int] = []  # worker loops started per stage
         self._busy: list[int] = []  # calls handed over and not yet reported, per stage
@@ -217,8 +229,7 @@ class LiveBackend(Backend):
             self._start_async_stage(st)
             return
         self._inboxes.append(queue.SimpleQueue())
-        self._pools.append(concurrent.futures.ThreadPoolExecutor(
-            max_workers=st.max_concurrency, thread_name_prefix=f"conveyor-{st.name}"))
+        self._threads.append([])
         call: Callable[..., Any] = st.fn
         workers: int | None = None
         if st.executor == "process":
@@ -249,8 +260,7 @@ class LiveBackend(Backend):
             loop = self._loop = AsyncLoop(self._outbox, self._cancel)
         s = len(self._inboxes)
         self._inboxes.append(loop)  # loop.put(call) starts its coroutine
-        # no threads: the executor is never submitted to (kept so stages index alike)
-        self._pools.append(concurrent.futures.ThreadPoolExecutor(max_workers=1))
+        self._threads.append([])  # no threads: the loop runs its coroutines
         self._calls.append(st.fn)
         self.executor_workers.append(None)
         self._started.append(_UNSTARTED)
@@ -259,9 +269,13 @@ class LiveBackend(Backend):
 
     def _spawn(self, s: int, n: int) -> None:
         st = self._stages[s]
+        threads = self._threads[s]
         for _ in range(n):
-            self._pools[s].submit(_worker_loop, st, self._calls[s], self._inboxes[s],
-                                  self._outbox, self._cancel)
+            t = threading.Thread(target=_worker_loop, name=f"conveyor-{st.name}-{len(threads)}",
+                                 args=(st, self._calls[s], self._inboxes[s], self._outbox,
+                                       self._cancel), daemon=True)
+            t.start()
+            threads.append(t)
         self._started[s] += n
 
     def now(self) -> float:
@@ -294,7 +308,8 @@ class LiveBackend(Backend):
         timers = self._timers
         timeout = None
         if timers:
-            timeout = 0.0 if sched.cancelled else max(0.0, timers[0][0] - time.perf_counter())
+            timeout = 0.0 if sched.cancelled else min(
+                max(0.0, timers[0][0] - time.perf_counter()), _MAX_WAIT)
         try:
             msg = outbox.get(timeout=timeout)
         except queue.Empty:
@@ -340,8 +355,10 @@ class LiveBackend(Backend):
         _running.pop(id(self), None)
         self._remove_wake()
         self._stop_workers()
-        for pool in self._pools:
-            pool.shutdown(wait=wait)
+        if wait:
+            for threads in self._threads:
+                for t in threads:
+                    t.join()
         if self._loop is not None:
             self._loop.close(wait=wait)
         if wait:

@@ -203,14 +203,6 @@ def raise_needs_two(x: int) -> int:
     return x
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: an exception raised in a process stage that cannot be unpickled in the "
-    "parent breaks the ProcessPoolExecutor (its result thread fails to unpickle it), so "
-    "engine/_live.py _Relay turns it into WorkerLost ('the worker running this call died'), "
-    "rebuilds the pool and retries it 3 times, losing the calls that ran beside it; the item "
-    "ends failed as WorkerLost, not as NeedsTwo. Fix: in the worker (_timed already runs "
-    "there) catch the exception and, if pickle.loads(pickle.dumps(exc)) fails, raise a "
-    "picklable stand-in carrying its qualified type, message and formatted traceback"))
 @pytest.mark.timeout(60, method="thread")
 def test_process_stage_exception_that_does_not_unpickle_fails_only_its_item() -> None:
     report = Pipeline([Stage("p", raise_needs_two, 2, executor="process")]).run(range(12))

@@ -152,10 +152,6 @@ def test_virtual_cancel_while_calls_wait_for_a_token(strategy) -> None:
     assert report.cancelled == 50 - len(starts)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-    "engine bug: engine/_live.py LiveBackend.step passes the rate-limit wake-up delay "
-    "(1/rate = 1e12 s) to SimpleQueue.get(timeout=...): OverflowError above "
-    "threading.TIMEOUT_MAX; RateLimit accepts any finite rate > 0"))
 @pytest.mark.timeout(20, method="thread")
 def test_absurdly_slow_rate_limit_never_overflows() -> None:
     token = CancelToken()

@@ -225,10 +225,6 @@ def test_live_retry_after_capped_by_max_backoff(hint) -> None:
         assert at[1].start - at[0].end >= 0.02 - 1e-3
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason=(
-    "engine bug: engine/_live.py LiveBackend.step passes the next timer's delay straight to "
-    "SimpleQueue.get(timeout=...), which raises OverflowError above threading.TIMEOUT_MAX "
-    "(~9.2e9 s); cap the timeout (min(timeout, threading.TIMEOUT_MAX) or an hour, then loop)"))
 @pytest.mark.timeout(20, method="thread")
 def test_live_absurd_but_finite_max_backoff_never_overflows() -> None:
     """``max_backoff=1e10`` (317 years) is finite, so accepted; an absurd hint then asks for a

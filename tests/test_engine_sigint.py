@@ -212,11 +212,6 @@ def test_second_ctrl_c_raises_at_once(consume: str) -> None:
         child.proc.communicate()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: engine/_live.py runs worker loops on ThreadPoolExecutor threads; after a "
-    "second Ctrl-C close(wait=False) leaves them running, and concurrent.futures' exit hook "
-    "(threading._register_atexit(_python_exit)) joins every pool thread at interpreter exit, "
-    "so the process only exits when the 30 s call ends"))
 @pytest.mark.parametrize("consume", ["run", "stream"])
 @pytest.mark.parametrize("caught", [False, True], ids=["uncaught", "caught"])
 def test_second_ctrl_c_lets_the_process_exit_at_once(consume: str, caught: bool) -> None:
