@@ -9,6 +9,8 @@
   ``httpx2.AsyncClient`` and ``openai.AsyncOpenAI`` (one client per event loop).
 * ``LLMAnalyze(..., budget=b)`` resyncs ``b`` from every response's ``x-ratelimit-*`` headers
   and charges the actual usage; ``Stage("analyze", llm, budget=b, cost=llm.estimate)``.
+* ``PostgresLedger`` -- a run's ledger (DESIGN §11) in PostgreSQL, its own table in the job's
+  database: ``pipeline.run(items, ledger=PostgresLedger(dsn))``.
 * ``TransientError`` / ``PermanentError`` -- what every adapter raises; retry only
   ``RETRYABLE`` (``RetryPolicy(retry_on=RETRYABLE)``), so a 404 or a malformed answer fails the
   item at once while 429/5xx/timeouts are retried, honouring ``retry_after``.
@@ -28,6 +30,7 @@ from ._records import (
     PipelineStage,
     contact_id,
 )
+from ._ledger_pg import PostgresLedger
 from .http import HttpFetch
 from .llm import (
     ANALYSIS_SCHEMA,
@@ -57,6 +60,7 @@ __all__ = [
     "MalformedOutputError",
     "PermanentError",
     "PipelineStage",
+    "PostgresLedger",
     "PostgresStore",
     "TransientError",
     "contact_id",
