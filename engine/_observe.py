@@ -357,9 +357,14 @@ class Otel:
                             "item becomes visible")
             self.errors = meter.create_counter(
                 "conveyor.stage.errors", unit="{call}", description="Stage calls that raised")
-            self.duration = meter.create_histogram(
-                "conveyor.stage.call.duration", unit="s", description="Stage call durations",
-                explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+            hist: Any = meter.create_histogram
+            try:
+                self.duration = hist("conveyor.stage.call.duration", unit="s",
+                                     description="Stage call durations",
+                                     explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+            except TypeError:  # an API before 1.23 takes no advice on buckets
+                self.duration = hist("conveyor.stage.call.duration", unit="s",
+                                     description="Stage call durations")
             self.items = meter.create_counter(
                 "conveyor.items", unit="{item}", description="Items that ended, by status")
 
