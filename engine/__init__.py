@@ -16,6 +16,7 @@ from ._core import Admission, Policy
 from ._errors import StageInitError, WorkerLost
 from ._hedge import Hedge
 from ._ledger import CodecError, JsonCodec, Ledger, LedgerBusy, LedgerError, SqliteLedger
+from ._observe import Progress, StageProgress, otel
 from ._pipeline import Pipeline
 from ._ratelimit import RateLimit
 from ._records import (
@@ -56,6 +57,7 @@ __all__ = [
     "ParallelBatches",
     "Pipeline",
     "Policy",
+    "Progress",
     "RateLimit",
     "RetryPolicy",
     "RunReport",
@@ -64,6 +66,7 @@ __all__ = [
     "SqliteLedger",
     "Stage",
     "StageInitError",
+    "StageProgress",
     "StageSpan",
     "StageStats",
     "Strategy",
@@ -71,6 +74,7 @@ __all__ = [
     "WorkerLost",
     "current_call",
     "is_overload",
+    "otel",
     "parse_duration",
     "percentile",
     "strategy_from_name",

@@ -87,8 +87,8 @@ class Pipeline:
     def stream(self, items: Iterable[Any], strategy: Strategy | None = None, *,
                cancel: CancelToken | None = None, clock: Clock = "live",
                processes: int | None = None, progress: Any = False, ordered: bool = False,
-               ledger: Ledger | None = None, retry_failed: bool = False
-               ) -> Iterator[ItemResult]:
+               ledger: Ledger | None = None, retry_failed: bool = False,
+               observe: Sequence[Any] | None = None) -> Iterator[ItemResult]:
         """Yield each item's result the moment it is visible; ``items`` is consumed lazily.
 
         ``ordered=True`` yields them in input order instead, through a bounded reorder buffer
@@ -99,7 +99,8 @@ class Pipeline:
         the results that became visible meanwhile as its ``results`` attribute.
         """
         run = self._prepare(items, strategy, Options(
-            cancel, clock, processes, progress, ordered, ledger, retry_failed, self.name))
+            cancel, clock, processes, progress, ordered, ledger, retry_failed, self.name,
+            observe))
         return self._stream(run)
 
     @staticmethod
@@ -119,12 +120,15 @@ class Pipeline:
             on_result: Callable[[ItemResult], Any] | None = None,
             cancel: CancelToken | None = None, clock: Clock = "live",
             processes: int | None = None, progress: Any = False,
-            ledger: Ledger | None = None, retry_failed: bool = False) -> RunReport:
+            ledger: Ledger | None = None, retry_failed: bool = False,
+            observe: Sequence[Any] | None = None) -> RunReport:
         """Run to the end and return the complete report.
 
         ``processes=N`` runs every stage's calls in ``N`` worker processes (threads in each;
         the scheduler stays here, so limits and strategies are global). ``progress=True``
-        draws a progress bar (tqdm) on stderr. ``ledger=`` records checkpointed stages' outputs
+        draws a progress bar (tqdm) on stderr (a plain line now and then when stderr is not a
+        terminal); ``observe=[engine.otel()]`` traces each item and call with OpenTelemetry.
+        ``ledger=`` records checkpointed stages' outputs
         and how each item ended, and a later run over the same ledger restores them instead
         of calling again; ``retry_failed=True`` replays the ledger's failed items.
 
@@ -137,7 +141,8 @@ class Pipeline:
         if on_result is not None and not callable(on_result):
             raise TypeError(f"on_result: expected a callable or None, got {on_result!r}")
         run = self._prepare(items, strategy, Options(
-            cancel, clock, processes, progress, False, ledger, retry_failed, self.name))
+            cancel, clock, processes, progress, False, ledger, retry_failed, self.name,
+            observe))
         run.observed = on_result is not None or cancel is not None
         results: list[ItemResult] = []
         callback = on_result

@@ -49,6 +49,7 @@ class Options:
     ledger: Ledger | None = None
     retry_failed: bool = False
     name: str | None = None  # the pipeline's name (a ledger's entries are keyed by it)
+    observe: Sequence[Any] | None = None  # observers: engine.otel(), your own
 
 
 class _Reorder:
@@ -114,6 +115,12 @@ class Run:
             self.reorder = _Reorder(max(64, min(window, 1 << 16)))
             self.sched.hold = self.reorder.full
         self.observers: list[Any] = []
+        if options.progress or options.observe:
+            from ._observe import observers  # tqdm / opentelemetry: only when asked for
+
+            self.observers = observers(options.progress, self.sched.names,
+                                       len(items) if isinstance(items, Sequence | range)
+                                       else None, options.observe)
         self.backend: Backend | None = None  # threads start with the first result asked for
         self.feed: Feed | None = None
         self.closed = False
@@ -153,12 +160,12 @@ class Run:
             self.feed = ThreadFeed(iter(items), self._key, ahead, backend.wake, lookup)
         self.sched.feed = self.feed
         self.sched.attach(backend, self.policy)
-        if self.options.progress:
-            from ._observe import observers  # tqdm and friends: only when asked for
+        if self.observers:
+            from ._observe import RunInfo
 
-            self.observers = observers(self.options.progress, self.sched.names,
-                                       len(items) if isinstance(items, Sequence | range)
-                                       else None)
+            info = RunInfo.at(backend.now(), self.clock, self.strategy.name)
+            for ob in self.observers:
+                ob.start(info)
         if isinstance(backend, LiveBackend):
             for st, workers in zip(self.sched.stages, backend.executor_workers, strict=True):
                 st.executor_workers = workers
@@ -234,7 +241,9 @@ class Run:
                 self.token.cancel("closed")
                 with self._sigint():
                     while not sched.done:
-                        sched.out.clear()  # nobody will read these any more
+                        for ob in self.observers:  # nobody else will read these any more
+                            ob.update(sched.out, sched)
+                        sched.out.clear()
                         backend.step(sched)
         finally:
             wait = not self.hard_stop
@@ -255,6 +264,7 @@ class Run:
             if self._unlink is not None:
                 self._unlink()
             for ob in self.observers:
+                ob.update(self.leftover, sched)  # after a Ctrl-C, and what was never admitted
                 ob.close(None)
             if self.durable is not None:
                 self.durable.close()

@@ -103,6 +103,8 @@ class Scheduler(FlowSteps):
         admission, let what runs settle, then the run re-raises ``exc``."""
         if self.error is None:
             self.error = exc
+            log.warning("run stopping: %s raised outside any stage call (input, key, callback "
+                        "or simulator)", type(exc).__name__)
         self.cancel.cancel(f"{type(exc).__name__}")
 
     # -- called by the policy ------------------------------------------------------------------
@@ -326,6 +328,9 @@ class Scheduler(FlowSteps):
             self._retry(st, item, result)
             return
         item.error = err
+        if not self.cancel.cancelled:
+            log.info("stage %r: item %d failed after %d attempts (%s)", st.name, item.index,
+                     item.attempt, err.type)
         self._finish(item, "cancelled" if self.cancel.cancelled else "failed")
 
     def _move_on(self, item: _Item) -> None:
@@ -393,6 +398,12 @@ class Scheduler(FlowSteps):
     def _retry(self, st: StageState, item: _Item, error: BaseException) -> None:
         policy = st.retry if st.retry is not None else _LOST_RETRY
         delay = policy.delay(error, item.attempt, unit_random(item.index, st.index, item.attempt))
+        if isinstance(error, WorkerLost):
+            log.warning("stage %r: item %d attempt %d lost its worker (%s)", st.name, item.index,
+                        item.attempt, type(error).__name__)
+        else:
+            log.debug("stage %r: item %d attempt %d raised %s; retrying in %.3g s", st.name,
+                      item.index, item.attempt, type(error).__name__, delay)
         item.attempt += 1
         st.retries += 1
         self.backend.call_later(delay, item)  # then ahead of the first attempts waiting

@@ -188,6 +188,8 @@ class StageState:
         if isinstance(remaining, Mapping):  # the provider's own count: resync to it
             budget.update(remaining=remaining,
                           reset_s=reset if isinstance(reset, Mapping) else None, now=budget_now)
+            log.debug("budget %r resynced to the provider's remaining counts (stage %r)",
+                      budget.name, self.name)
         hint = retry_after_of(error)
         if hint is not None and hint > 0:
             hint = min(hint, 3600.0)
@@ -211,7 +213,8 @@ class StageState:
         saturated = self.running + 1 >= self.limit
         if ctl.on_end(now, start, overloaded, saturated):
             old, self.limit = self.limit, ctl.limit
-            log.debug("stage %r: limit %d -> %d", self.name, old, self.limit)
+            log.log(logging.INFO if self.limit < old else logging.DEBUG,
+                    "stage %r: limit %d -> %d", self.name, old, self.limit)
 
     @property
     def timeline(self) -> tuple[tuple[float, int], ...]:

@@ -20,6 +20,7 @@ does not.
 """
 from ._async import AsyncHttpFetch, AsyncLLMAnalyze
 from ._errors import RETRYABLE, AdapterError, PermanentError, TransientError, parse_retry_after
+from ._ledger_pg import PostgresLedger
 from ._records import (
     PIPELINE_STAGES,
     Analysis,
@@ -30,7 +31,6 @@ from ._records import (
     PipelineStage,
     contact_id,
 )
-from ._ledger_pg import PostgresLedger
 from .http import HttpFetch
 from .llm import (
     ANALYSIS_SCHEMA,
