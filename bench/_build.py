@@ -117,9 +117,11 @@ def _budget(b: BudgetSpec, ts: float) -> Budget:
 
 
 def build_pipeline(sc: Scenario, *, clock: Clock, time_scale: float | None = None
-                   ) -> tuple[Pipeline, list[SimulatedService | Provider]]:
-    """The scenario's pipeline of simulated services; ``time_scale`` (default: the scenario's)
-    matters for live runs only."""
+                   ) -> tuple[Pipeline, list[Any]]:
+    """The scenario's pipeline of simulated services (live, a provider stage with
+    ``client = "openai"`` is ``LLMAnalyze`` against a fake OpenAI server started here: close
+    the services after the run); ``time_scale`` (default: the scenario's) matters for live
+    runs only."""
     ts = (time_scale or sc.time_scale) if clock == "live" else 1.0
     budgets = {b.name: _budget(b, ts) for b in sc.budgets
                if any(st.budget == b.name for st in sc.stages)}
@@ -135,22 +137,32 @@ def build_pipeline(sc: Scenario, *, clock: Clock, time_scale: float | None = Non
         if st.rate_limit is not None and st.rate_limit.pace:
             # the client paces itself at the service's limit (burst 1: evenly spaced calls)
             rate_limit = RateLimit(st.rate_limit.per_s / ts, burst=1)
-        fn: Any = svc if st.pause_s is None else PauseOnRateLimit(svc, st.pause_s, ts)
+        call: Any = svc
+        kw: dict[str, Any] = {}
+        if clock == "live" and st.provider is not None and st.provider.client == "openai" \
+                and isinstance(svc, Provider):
+            from bench._llm_live import ServerBackedLLM, start_server
+
+            call = ServerBackedLLM(svc, start_server(svc, seed=sc.seed, time_scale=ts),
+                                   concurrency=st.concurrency,
+                                   budget=budgets.get(st.budget or ""), timeout=60.0)
+        fn: Any = call if st.pause_s is None else PauseOnRateLimit(call, st.pause_s, ts)
         concurrency: Any = st.concurrency
         if st.adaptive is not None:
             a = st.adaptive
             concurrency = Adaptive(a.initial, min=a.min, max=a.max)
-        kw: dict[str, Any] = {}
         if st.budget is not None:
             kw["budget"] = budgets[st.budget]
-            if isinstance(svc, Provider):
+            if hasattr(call, "cost"):  # the real client: the adapter's own estimate
+                kw["cost"] = call.cost()
+            elif isinstance(svc, Provider):
                 # reserve the estimate (a tokenizer's count); the engine settles with the usage
                 kw["cost"] = _estimator(svc)
         if st.idempotent:
             kw["idempotent"] = True
             kw["hedge"] = _hedge(st, ts)
         stages.append(Stage(st.name, fn, concurrency, retry=retry, rate_limit=rate_limit, **kw))
-        services.append(svc)
+        services.append(call)
     return Pipeline(stages), services
 
 
@@ -190,8 +202,14 @@ def run_once(sc: Scenario, strategy: str, *, clock: Clock, time_scale: float | N
         for svc in services:  # outages and rate limits count from the start of the run
             svc.start()
     t0 = time.perf_counter()
-    with gc_paused(clock == "live"):
-        report = pipeline.run(range(sc.items), strat, on_result=on_result, clock=clock)
+    try:
+        with gc_paused(clock == "live"):
+            report = pipeline.run(range(sc.items), strat, on_result=on_result, clock=clock)
+    finally:
+        for svc in services:
+            close = getattr(svc, "close", None)
+            if close is not None:
+                close()
     wall = time.perf_counter() - t0
     meta: dict[str, Any] = {
         "scenario": sc.name, "seed": sc.seed, "time_scale": ts, "git_commit": git_commit(),
@@ -200,6 +218,11 @@ def run_once(sc: Scenario, strategy: str, *, clock: Clock, time_scale: float | N
     }
     if clock == "live":
         meta["gc"] = "automatic collection paused during the run"
+        clients = {st.name: "LLMAnalyze (openai client) -> fake OpenAI server"
+                   for st in sc.stages if st.provider is not None
+                   and st.provider.client == "openai"}
+        if clients:
+            meta["live_clients"] = clients
     if repeat is not None:
         meta["repeat"] = repeat
     if sc.variant is not None:

@@ -102,6 +102,10 @@ class ProviderSpec:
     per_minute: Mapping[str, float]
     capacity: int | None = None
     tokens: Mapping[str, Any] | None = None  #: a distribution spec, in tokens per item
+    #: what live runs call: "simulated" (the Provider, sleeping) or "openai" (LLMAnalyze and
+    #: the openai client against the fake OpenAI server with the same limits); virtual runs
+    #: are the Provider either way
+    client: str = "simulated"
 
 
 @dataclass(frozen=True)
@@ -397,12 +401,20 @@ def _limits(value: Any, where: str, allowed: tuple[str, ...] | None = None
 
 def _provider(value: Any, where: str, base: Path) -> ProviderSpec:
     tbl = _table(value, where)
-    _keys(tbl, where, ("per_minute",), ("capacity", "tokens"))
+    _keys(tbl, where, ("per_minute",), ("capacity", "tokens", "client"))
     per_minute = _limits(tbl["per_minute"], f"{where}.per_minute", _DIMENSIONS)
     capacity = _int(tbl["capacity"], f"{where}.capacity", minimum=1) if "capacity" in tbl \
         else None
     tokens = _latency(tbl["tokens"], f"{where}.tokens", base) if "tokens" in tbl else None
-    return ProviderSpec(per_minute, capacity, tokens)
+    client = tbl.get("client", "simulated")
+    if client not in _CLIENTS:
+        raise _Invalid(f"{where}.client", f"expected one of: {', '.join(_CLIENTS)}, got "
+                                          f"{client!r}")
+    return ProviderSpec(per_minute, capacity, tokens, client)
+
+
+#: provider.client: what a live run calls
+_CLIENTS = ("simulated", "openai")
 
 
 _PCT_RE = re.compile(r"^p(\d+(?:\.\d+)?)$")
