@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from bench._metrics import max_overlap  # the one implementation (tests use the harness's)
 from contract import assert_checker_accepts, keep_for_ci
 from engine import Batched, Continuous, ParallelBatches, RunReport, Stage
 
@@ -40,15 +41,6 @@ def stages_for(backend: str, n: int = 3) -> list[Stage]:
     ex = "process" if backend == "process" else None
     fns = [sleepy, double, fail_on_multiples_of_5]
     return [Stage(f"s{i}", fns[i % len(fns)], concurrency=2 + i, executor=ex) for i in range(n)]
-
-
-def max_overlap(intervals: list[tuple[float, float]]) -> int:
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    now = peak = 0
-    for _, d in events:
-        now += d
-        peak = max(peak, now)
-    return peak
 
 
 def check_report(report: RunReport, stages: list[Stage], n_items: int) -> None:
