@@ -19,9 +19,9 @@ from typing import Any, cast
 import pytest
 
 from engine import CancelToken, Continuous, Hedge, Pipeline, Stage, current_call
-from engine._strategies import Strategy
 from engine._errors import StageInitError
 from engine._procs import ProcessBackend, RemoteError
+from engine._strategies import Strategy
 from engine_helpers import STRATEGIES, check_report, shared_check, stages_for
 
 pytestmark = pytest.mark.timeout(120)
