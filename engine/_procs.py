@@ -17,8 +17,8 @@ Clocks: a child stamps a call's start and end with ``time.perf_counter()``, whic
 ``CLOCK_MONOTONIC`` on Linux (and a system-wide clock on macOS and Windows): the same clock as
 the parent's, so the parent only subtracts its run's base.
 
-A child that dies (``os._exit``, a signal, the OOM killer): its reader thread sees the pipe
-close, the dispatcher fails the child's in-flight calls with the retryable ``WorkerLost`` (the
+A child that dies (``os._exit``, a signal, the OOM killer): its replies pipe closes, the
+dispatcher fails the child's in-flight calls with the retryable ``WorkerLost`` (the
 scheduler retries those even without a ``RetryPolicy``) and starts a replacement.
 
 Cancel: a flag in shared memory, set the moment the run's token is cancelled; a child's worker
@@ -32,7 +32,7 @@ settle). Running calls in the children finish.
 Close: every child is told to stop; its worker threads finish their current call (none is
 running on a normal close: the run has settled), close their resources, and the child exits.
 ``close(wait=True)`` joins each child for up to ``JOIN_TIMEOUT`` seconds, then terminates and,
-if need be, kills it (a resource's ``close()`` that hangs), and joins the reader threads: no
+if need be, kills it (a resource's ``close()`` that hangs), and closes every pipe: no
 process or thread of the run outlives it. ``close(wait=False)`` (a second Ctrl-C) only tells the
 children to stop: they finish their running calls in the background (daemon processes:
 multiprocessing ends them at interpreter exit). A child whose parent dies sees its pipe close
