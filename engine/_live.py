@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from ._cancel import CancelToken
 from ._context import _local
 from ._core import Backend, _Call
+from ._dask import is_worker_lost
 from ._errors import RemoteError, StageInitError, WorkerLost, describe
 from ._stage import Stage, _is_async
 
@@ -129,6 +130,11 @@ class _Relay:
         except concurrent.futures.BrokenExecutor as exc:
             self._replace(ex)
             raise WorkerLost(f"the worker running this call died ({type(exc).__name__})") from exc
+        except Exception as exc:
+            if is_worker_lost(exc):  # a Dask worker killed mid-call
+                raise WorkerLost(f"the Dask worker running this call died "
+                                 f"({type(exc).__name__})") from exc
+            raise
 
     def _replace(self, broken: concurrent.futures.Executor) -> None:
         with self._lock:

@@ -67,6 +67,9 @@ class Pipeline:
                 if st.is_async:
                     raise ValueError(f"processes: Stage {st.name!r} is async: its coroutines "
                                      "run on the run's event loop, not in worker processes")
+            from ._procs import check_stages  # multiprocessing: only when asked for
+
+            check_stages(self.stages)  # everything pickles, before any work
         check_bool("ordered", options.ordered)
         check_bool("retry_failed", options.retry_failed)
         check_type("ledger", options.ledger, Ledger, "an engine.Ledger (SqliteLedger, "

@@ -142,10 +142,11 @@ class StageStats:
         doc: dict[str, Any] = {"name": self.name, "concurrency": self.concurrency}
         if self.limit_timeline:
             doc["limit_timeline"] = [[t / scale, n] for t, n in self.limit_timeline]
-        for key, value in (("overloaded", self.overloaded), ("hedges", self.hedges),
-                           ("hedges_won", self.hedges_won), ("resumed", self.resumed)):
+        for key, value in (("overloaded", self.overloaded), ("resumed", self.resumed)):
             if value:
                 doc[key] = value
+        if self.hedges:  # both, 0 won included
+            doc["hedges"], doc["hedges_won"] = self.hedges, self.hedges_won
         if self.budget is not None:
             doc["budget_wait_s"] = self.budget_wait_s / scale
         return doc

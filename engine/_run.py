@@ -115,6 +115,7 @@ class Run:
             self.reorder = _Reorder(max(64, min(window, 1 << 16)))
             self.sched.hold = self.reorder.full
         self.observers: list[Any] = []
+        self._main_thread = threading.current_thread() is threading.main_thread()
         if options.progress or options.observe:
             from ._observe import observers  # tqdm / opentelemetry: only when asked for
 
@@ -174,7 +175,7 @@ class Run:
     @contextlib.contextmanager
     def _sigint(self) -> Iterator[None]:
         """The engine's SIGINT handler, in force only inside this block."""
-        if (self.clock != "live" or threading.current_thread() is not threading.main_thread()
+        if (self.clock != "live" or not self._main_thread
                 or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
             yield
             return

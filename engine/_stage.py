@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from ._adaptive import Adaptive
 from ._budget import Budget
+from ._dask import check_executor
 from ._hedge import Hedge
 from ._ledger import Codec, JsonCodec
 from ._ratelimit import RateLimit
@@ -120,6 +121,7 @@ class Stage:
                 f"{where}: executor: expected None, 'thread', 'process' or a "
                 f"concurrent.futures.Executor, got {ex!r}"
             )
+        check_executor(where, ex)  # a Dask executor that deduplicates calls is refused
         is_async = _is_async(self.fn)
         if is_async and ex not in (None, "thread"):
             raise ValueError(

@@ -84,8 +84,6 @@ def test_a_pure_executor_is_refused(client: Any) -> None:
     check_executor("Stage 'd'", client.get_executor(pure=False))  # fine
 
 
-@pytest.mark.xfail(strict=True, reason="wiring: Stage.__post_init__ calls "
-                   "engine._dask.check_executor(where, ex) (the lead's engine/_stage.py)")
 def test_stage_refuses_a_pure_executor(client: Any) -> None:
     with pytest.raises(ValueError, match="pure=False"):
         Stage("d", stamp, executor=client.get_executor())
@@ -170,8 +168,6 @@ def test_a_worker_killed_mid_run() -> None:
         cluster.close()
 
 
-@pytest.mark.xfail(strict=True, reason="wiring: engine/_live.py _Relay.__call__ raises "
-                   "WorkerLost for an error engine._dask.is_worker_lost(exc) recognises")
 def test_a_worker_killed_with_no_dask_retries_is_retried_by_the_engine() -> None:
     """``allowed-failures: 0``: the killed worker's tasks end ``KilledWorker`` at once; the
     engine retries them as ``WorkerLost``."""
