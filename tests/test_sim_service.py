@@ -47,6 +47,7 @@ def engine_call(
             hedge=hedge,
             charged=None,
             lost=False,
+            event=None,
         )
     else:  # an engine whose current_call() returns the stored CallInfo as it is
         info = tuple.__new__(CallInfo, (index, index, stage, 0, attempt, hedge))
