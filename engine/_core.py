@@ -15,8 +15,8 @@ __all__ = ["Admission", "Backend", "Policy"]
 class _Item:
     """The one mutable record of an item in flight (tenacity's RetryCallState, per item)."""
 
-    __slots__ = ("attempt", "batch", "calls", "error", "index", "key", "queued_at", "running",
-                 "spans", "stage", "status", "value", "won")
+    __slots__ = ("attempt", "batch", "calls", "error", "index", "key", "queued_at",
+                 "record_end", "running", "spans", "stage", "status", "value", "won")
 
     def __init__(self, index: int, key: Hashable, value: Any) -> None:
         self.index = index
@@ -32,6 +32,7 @@ class _Item:
         self.queued_at = 0.0
         self.running = 0  # calls of the current stage in flight (2 while a hedge runs)
         self.won = False  # a call of the current stage succeeded (its twin, if any, is lost)
+        self.record_end = True  # tell the run's ledger how it ended (not if it knows already)
 
 
 class _Call:
@@ -115,7 +116,9 @@ class Admission:
         raise NotImplementedError
 
     def admit_one(self) -> _Item | None:
-        """The next input item, or None when none is available now (or ever)."""
+        """The next input item, or None when none is available now (or ever). With a ledger,
+        an item may come back restored: ended already (``status`` set: report it, run
+        nothing) or at a later stage (``stage`` >= 0: ``advance`` moves it on from there)."""
         raise NotImplementedError
 
     def advance(self, item: _Item) -> None:

@@ -21,7 +21,7 @@ __all__ = ["Durable", "Restored"]
 
 class Restored(NamedTuple):
     """What an item's ledger entry says to do: ``kind`` is ``"done"`` (report it ok, run
-    nothing), ``"failed"`` (a dead letter not replayed: report its recorded error) or
+    nothing), ``"finish"`` (the same, and record it done: its end was not recorded), ``"failed"`` (a dead letter not replayed: report its recorded error) or
     ``"resume"`` (stages ``0..stage`` are restored: go on from ``stage + 1`` with ``value``)."""
 
     kind: str
@@ -76,8 +76,8 @@ class Durable:
                             else None, None)
         if last < 0:
             return None
-        if last == len(self.names) - 1:
-            return Restored("done", last, value, None)
+        if last == len(self.names) - 1:  # its last output recorded, its end not (a kill
+            return Restored("finish", last, value, None)  # between the two writes): record it
         return Restored("resume", last, value, None)
 
     def spans(self, upto: int, now: float) -> list[StageSpan]:

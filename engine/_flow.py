@@ -58,9 +58,12 @@ class FlowSteps(Admission):
     def _move_on(self, item: _Item) -> None:
         raise NotImplementedError
 
-    def _restore(self, item: _Item, entry: Any) -> bool:
-        """Apply the ledger's entry; True when the item needs no run at all (then it has
-        been emitted). A resumed item goes on from the stage after its last checkpoint."""
+    def _restore(self, item: _Item, entry: Any) -> None:
+        """Apply the ledger's entry to a newly admitted item. An item the ledger has as done
+        (or failed, not replayed) comes back ended (``status`` set): its policy reports it
+        with the others, a batch's with its batch. A resumed one has ``stage`` set to its last
+        restored stage: the policy moves it on from there (a batch's, once its batch gets
+        there)."""
         durable = self.durable
         assert durable is not None
         try:
@@ -68,25 +71,21 @@ class FlowSteps(Admission):
         except Exception as exc:  # a payload the codec cannot decode: that item fails
             item.error = ErrorInfo.from_exception(self.names[0], exc)
             item.status = "failed"
-            self.emit((item,), record=False)
-            return True
+            return
         if restored is None:
-            return False
-        now = self.backend.now()
+            return
         if restored.kind == "failed":
             item.status, item.error = "failed", restored.error
-            self.emit((item,), record=False)
-            return True
-        item.spans = durable.spans(restored.stage, now)
+            item.record_end = False  # a dead letter already
+            return
+        item.spans = durable.spans(restored.stage, self.backend.now())
         for s in range(restored.stage + 1):
             self.stages[s].resumed += 1
         item.value = restored.value
-        if restored.kind == "done":
-            item.status = "ok"
-            self.emit((item,), record=False)
-            return True
         item.stage = restored.stage  # advance() moves it on to the next stage
-        return False
+        if restored.kind in ("done", "finish"):
+            item.status = "ok"
+            item.record_end = restored.kind == "finish"  # done already, or not recorded yet
 
     def _next_call(self, st: StageState) -> _Call | None:
         """The call to start next at the stage (hedge requests that went stale are dropped)."""

@@ -339,8 +339,8 @@ class Otel:
     def __init__(self, tracer_provider: Any = None, meter_provider: Any = None, *,
                  spans: bool = True, metrics: bool = True, record_key: bool = False) -> None:
         try:
-            from opentelemetry import metrics as otel_metrics
-            from opentelemetry import trace as otel_trace
+            import opentelemetry.metrics as otel_metrics
+            import opentelemetry.trace as otel_trace
         except ImportError as exc:
             raise ImportError(f"engine.otel() needs opentelemetry-api, which is not "
                               f"installed: {OTEL_EXTRA}") from exc
@@ -399,8 +399,8 @@ class OtelObserver:
     FLUSH_S = 1.0  #: seconds between additions to the counters (and one at the end)
 
     def __init__(self, otel: Otel) -> None:
-        from opentelemetry import context as otel_context
-        from opentelemetry import trace as otel_trace
+        import opentelemetry.context as otel_context
+        import opentelemetry.trace as otel_trace
 
         self.otel = otel
         self._trace = otel_trace

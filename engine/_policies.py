@@ -39,7 +39,10 @@ class ContinuousPolicy(Policy):
             if item is None:
                 return
             self.in_flight += 1
-            sched.advance(item)
+            if item.status:  # restored from a ledger, ended already: visible now
+                self.item_done(item)
+            else:
+                sched.advance(item)
 
     def stage_done(self, item: _Item) -> None:
         self.sched.advance(item)
@@ -50,12 +53,14 @@ class ContinuousPolicy(Policy):
 
 
 class _Batch:
-    __slots__ = ("active", "arrived", "members")
+    __slots__ = ("active", "arrived", "members", "parked")
 
     def __init__(self, members: list[_Item]) -> None:
         self.members = members
         self.active = len(members)  # members not yet ended
         self.arrived: list[_Item] = []  # members waiting at the current barrier
+        # members restored from a ledger past the batch's stage: they wait for the batch
+        self.parked: list[_Item] = []
 
 
 class BatchPolicy(Policy):
@@ -91,9 +96,19 @@ class BatchPolicy(Policy):
             return False
         batch = _Batch(members)
         self.running += 1
+        fresh = []
         for item in members:
             item.batch = batch
+            if item.status:  # restored, ended already: visible with its batch
+                batch.active -= 1
+            elif item.stage >= 0:  # restored to a later stage: joins the batch there
+                batch.parked.append(item)
+            else:
+                fresh.append(item)
+        for item in fresh:
             sched.advance(item)
+        if not fresh:
+            self._check(batch)
         return True
 
     def stage_done(self, item: _Item) -> None:
@@ -109,10 +124,15 @@ class BatchPolicy(Policy):
         self._check(batch)
 
     def _check(self, batch: _Batch) -> None:
-        if len(batch.arrived) < batch.active:
+        if len(batch.arrived) < batch.active - len(batch.parked):
             return  # the barrier holds
         sched = self.sched
         released, batch.arrived = batch.arrived, []
+        parked = batch.parked
+        if parked:  # restored members at the stage the batch just finished go on with it
+            level = released[0].stage if released else min(it.stage for it in parked)
+            released += [it for it in parked if it.stage == level]
+            batch.parked = [it for it in parked if it.stage != level]
         if released and sched.cancelled:
             for item in released:
                 sched.drop(item)  # cancelled at the barrier

@@ -200,7 +200,11 @@ class Run:
         try:
             with self._sigint():
                 backend = self._start()
-                self.policy.fill()
+                try:
+                    self.policy.fill()
+                except BaseException:  # mid-admission (a simulator's BaseException): as below
+                    self.abandoned = self.clock == "virtual"
+                    raise
             reorder, observers = self.reorder, self.observers
             while True:
                 if sched.out or observers:

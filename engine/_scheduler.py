@@ -114,20 +114,19 @@ class Scheduler(FlowSteps):
     def admit_one(self) -> _Item | None:
         if self.cancel.cancelled or (self.hold is not None and self.hold()):
             return None
-        while True:
-            got = self.feed.take()
-            if got is None:
-                if self.feed.error is not None:
-                    self.fail_run(self.feed.error)
-                return None
-            value, key, entry = got
-            index = self.next_index
-            self.next_index = index + 1
-            self.open += 1
-            item = _Item(index, index if key is None else key, value)
-            if entry is None or not self._restore(item, entry):
-                return item
-            # the ledger had it done (or failed, not replayed): reported now, not run
+        got = self.feed.take()
+        if got is None:
+            if self.feed.error is not None:
+                self.fail_run(self.feed.error)
+            return None
+        value, key, entry = got
+        index = self.next_index
+        self.next_index = index + 1
+        self.open += 1
+        item = _Item(index, index if key is None else key, value)
+        if entry is not None:
+            self._restore(item, entry)
+        return item
 
     def advance(self, item: _Item) -> None:
         """Queue ``item`` for its next stage (the first after admission), first attempt there.
@@ -152,7 +151,7 @@ class Scheduler(FlowSteps):
         out = self.out
         durable = self.durable
         for it in items:
-            if durable is not None and record:  # the ledger learns how it ended
+            if durable is not None and record and it.record_end:  # the ledger learns how
                 if it.status == "ok":
                     durable.done(it.key)
                 elif it.status == "failed" and it.error is not None:

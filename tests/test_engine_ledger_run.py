@@ -212,11 +212,6 @@ def test_a_run_killed_at_a_random_call_resumes_without_repeating_a_recorded_call
             assert not restored or (key, restored[-1]) in frozen_outputs
 
 
-@pytest.mark.xfail(strict=True, reason="engine bug: a BaseException raised by simulate() "
-                   "during the run's first admission (Run.batches' initial policy.fill(), "
-                   "outside the step that sets `abandoned`) makes close() settle a "
-                   "half-updated virtual clock, and run() raises RuntimeError('items are in "
-                   "flight but nothing is scheduled') instead")
 def test_a_base_exception_in_the_first_admission_propagates() -> None:
     class KillAtOnce(Sim):
         def simulate(self, call: Any, value: list[Any], *, now: float) -> Simulated:
@@ -233,18 +228,9 @@ def _world_pipeline(world: World, checkpoints: list[bool], limits: list[int] | N
     return Pipeline(_stages(world, limits, checkpoints), key=_key, name=NAME)
 
 
-_BATCH_BUG = pytest.mark.xfail(strict=True, reason=(
-    "engine bug: BatchPolicy._start_batch advances a member restored past stage 0 into its "
-    "next stage at once (ahead of its batch's barrier), and items restored done are emitted "
-    "at admission outside any batch while the checker groups batches by index // size: the "
-    "shared checker rejects the file (stage s1 started before s0 of the batch ended / "
-    "visible before the batch completed)"))
-
-
 @pytest.mark.parametrize("strategy", [
     "continuous",
-    pytest.param("batched", marks=_BATCH_BUG),
-    pytest.param("parallel-batches", marks=_BATCH_BUG)])
+    "batched", "parallel-batches"])
 def test_resumed_results_files_are_accepted_by_the_shared_checker(
         tmp_path: Path, strategy: str) -> None:
     """A killed virtual run, resumed: the results file (stages ``resumed``, no calls,
@@ -274,11 +260,6 @@ def test_resumed_results_files_are_accepted_by_the_shared_checker(
     assert_checker_accepts(report.save(tmp_path / f"resumed-{strategy}.json"))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "engine bug: Durable.restore reports an item whose *last* stage is checkpointed and "
-    "recorded as done (Restored('done')), and Scheduler._restore emits it with record=False: "
-    "its Done is never written (a kill between the two writes, or a Batched item waiting "
-    "for its batch), so Ledger.counts() has it in_progress forever"))
 def test_restored_from_the_last_stage_is_recorded_done(tmp_path: Path) -> None:
     world = World(0)
     items = [[i] for i in range(4)]
