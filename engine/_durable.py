@@ -21,7 +21,8 @@ __all__ = ["Durable", "Restored"]
 
 class Restored(NamedTuple):
     """What an item's ledger entry says to do: ``kind`` is ``"done"`` (report it ok, run
-    nothing), ``"finish"`` (the same, and record it done: its end was not recorded), ``"failed"`` (a dead letter not replayed: report its recorded error) or
+    nothing), ``"finish"`` (the same, and record it done: its end was not recorded),
+    ``"failed"`` (a dead letter not replayed: report its recorded error) or
     ``"resume"`` (stages ``0..stage`` are restored: go on from ``stage + 1`` with ``value``)."""
 
     kind: str
