@@ -99,6 +99,8 @@ class FlowSteps(Admission):
             hedge = _Call(item, st.index, st.name, primary.attempt, True, self.backend.now())
             hedge.twin, primary.twin = primary, hedge
             return hedge
+        if not st.waiting:  # only stale hedge requests were left
+            return None
         item = st.waiting[0]
         return _Call(item, st.index, st.name, item.attempt, False, item.queued_at)
 
@@ -177,7 +179,8 @@ class FlowSteps(Admission):
         if (call.done or item.won or item.running != 1 or call.twin is not None
                 or self.cancel.cancelled or hedge is None):
             return
-        if not hedge.allowed(st.started - st.hedges, first_look=not obj_is_late):
+        if not hedge.allowed(st.started - st.hedges, first_look=not obj_is_late,
+                             pending=len(st.hedge_due)):
             d = hedge.delay()
             if d is not None and hedge.active:  # the allowance grows with every call started
                 self.backend.call_later(d / 4, _HedgeDue(call, late=True))

@@ -107,13 +107,15 @@ class HedgeState:
         a second call is as slow as the first)."""
         return self.hedges < _JUDGE_AFTER or self.won >= _MIN_WIN_RATE * self.hedges
 
-    def allowed(self, calls_started: int, first_look: bool = False) -> bool:
+    def allowed(self, calls_started: int, first_look: bool = False, pending: int = 0) -> bool:
         """Whether one more hedge fits the allowance -- ``max_extra`` x the stage's calls
-        started that are not hedges, +1 -- and hedges here have been winning.
+        started that are not hedges, +1, counting the ``pending`` ones queued to start -- and
+        hedges here have been winning.
 
         A first look (the call has just passed the hedge delay) gets half the allowance: the
         calls that pass a percentile are mostly the distribution's tail, about to finish; the
         rest is kept for the calls still running a little later, the truly slow ones.
         """
-        share = 0.5 if first_look else 1.0
-        return self.active and self.hedges < share * self.max_extra * calls_started + 1
+        share = 0.5 if first_look else 1.0  # with this one, at most max_extra x calls + 1
+        return (self.active
+                and self.hedges + pending <= share * self.max_extra * calls_started)
