@@ -66,7 +66,9 @@ class Scheduler(FlowSteps):
         self.open = 0  # admitted and not yet handed to the caller
         self.error: BaseException | None = None  # raised by the input, a key or a callback
         self.out: list[ItemResult] = []
-        self.stages = [StageState(i, st, virtual=virtual) for i, st in enumerate(stages)]
+        copies: dict[int, Any] = {}  # one virtual copy per Budget object
+        self.stages = [StageState(i, st, virtual=virtual, budgets=copies)
+                       for i, st in enumerate(stages)]
         self.backend: Backend  # set by attach()
         self.policy: Policy  # set by the run, from its strategy
         self.durable: Durable | None = None  # the run's ledger, if any

@@ -53,7 +53,8 @@ def _attr(obj: Any, name: str) -> Any:
 class StageState:
     """One stage in one run: its queue, slots, limit, gates and counters."""
 
-    def __init__(self, index: int, stage: Stage, *, virtual: bool) -> None:
+    def __init__(self, index: int, stage: Stage, *, virtual: bool,
+                 budgets: dict[int, Budget] | None = None) -> None:
         self.index = index
         self.name = stage.name
         self.stage = stage
@@ -64,9 +65,12 @@ class StageState:
         self.limit = c.initial if isinstance(c, Adaptive) else c  # the limit in force
         self.retry = stage.retry
         self.bucket: Any = None  # the rate limit's bucket, made when the run starts
-        # a budget shared by runs lives on the live clock; each virtual run gets its own
-        self.budget: Budget | None = (stage.budget.fresh() if virtual and stage.budget
-                                      is not None else stage.budget)
+        # a budget shared by runs lives on the live clock; each virtual run gets its own copy,
+        # one per Budget object: the stages sharing it share the copy
+        self.budget: Budget | None = stage.budget
+        if virtual and stage.budget is not None:
+            copies = budgets if budgets is not None else {}
+            self.budget = copies.setdefault(id(stage.budget), stage.budget.fresh())
         self.cost = stage.cost
         self.hedge: HedgeState | None = stage.hedge.state() if stage.hedge else None
         self.codec = (stage.codec or DEFAULT_CODEC) if stage.checkpoint else None
