@@ -18,6 +18,7 @@ import concurrent.futures.thread  # registers its exit hook now, so ours (below)
 import contextlib
 import heapq
 import itertools
+import multiprocessing
 import pickle
 import queue
 import threading
@@ -242,7 +243,10 @@ class LiveBackend(Backend):
             n = st.max_concurrency
 
             def make(n: int = n) -> concurrent.futures.Executor:
-                return concurrent.futures.ProcessPoolExecutor(max_workers=n)
+                # spawn, not fork: this process runs threads (workers, the feeder), and a
+                # child forked while one of them holds a lock can hang or die
+                return concurrent.futures.ProcessPoolExecutor(
+                    max_workers=n, mp_context=multiprocessing.get_context("spawn"))
 
             relay = _Relay(make(), st.fn, make)
             self._relays.append(relay)

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
+from contract import assert_checker_accepts
 from engine import CancelToken, Continuous, Hedge, Pipeline, Simulated, Stage, current_call
 from engine_helpers import max_overlap
-from contract import assert_checker_accepts
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -106,7 +106,7 @@ def test_a_hedge_wins_after_its_primary_failed() -> None:
 
 
 def test_hedge_without_idempotent_is_a_value_error_naming_the_stage() -> None:
-    with pytest.raises(ValueError, match="Stage 'fetch'.*idempotent"):
+    with pytest.raises(ValueError, match=r"Stage 'fetch'.*idempotent"):
         Stage("fetch", Tail(), 2, hedge=Hedge(after=1.0))
     with pytest.raises(ValueError, match=r"Hedge\.after"):
         Hedge(after="p100")
