@@ -29,6 +29,7 @@ from engine import (
     RateLimit,
     RetryPolicy,
     Stage,
+    strategy_from_name,
 )
 from simulators import Faults, Provider, SimulatedService
 
@@ -39,12 +40,7 @@ Clock = Literal["live", "virtual"]
 
 
 def build_strategy(spec: StrategySpec) -> Strategy:
-    p = dict(spec.params)
-    if spec.name == "continuous":
-        return Continuous(**p)
-    if spec.name == "batched":
-        return Batched(**p)
-    return ParallelBatches(**p)
+    return strategy_from_name(spec.name, **dict(spec.params))  # the engine's one factory
 
 
 def _service(sc: Scenario, st: StageSpec, time_scale: float) -> SimulatedService | Provider:

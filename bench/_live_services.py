@@ -240,15 +240,13 @@ def _run_one(spec_doc: Mapping[str, Any], strategy: str, counter: Any) -> dict[s
     # This function runs only in the spawned child of a live-services run.
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    from engine import Batched, Continuous, ParallelBatches
+    from engine import strategy_from_name
     from examples._throwaway_pg import ThrowawayPostgres
     from examples.contact_sync import SyncConfig, build_pipeline
 
     spec = LiveServicesSpec(**spec_doc)
     ts = spec.time_scale
-    params = dict(STRATEGY_PARAMS[strategy])
-    strat: Any = (Continuous(**params) if strategy == "continuous" else
-                  Batched(**params) if strategy == "batched" else ParallelBatches(**params))
+    strat: Any = strategy_from_name(strategy, **dict(STRATEGY_PARAMS[strategy]))
     with contextlib.ExitStack() as stack:
         pg = stack.enter_context(ThrowawayPostgres())
         msgs_url, msgs_pid = stack.enter_context(

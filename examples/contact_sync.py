@@ -69,19 +69,17 @@ if __package__ in (None, ""):  # run as a script from a checkout: make `engine` 
 
 import engine.adapters as _adapters
 from engine import (
-    Batched,
     CancelToken,
     CodecError,
-    Continuous,
     ItemResult,
     Ledger,
     LedgerBusy,
     LedgerError,
-    ParallelBatches,
     Pipeline,
     RetryPolicy,
     SqliteLedger,
     Stage,
+    strategy_from_name,
 )
 from engine.adapters import (
     RETRYABLE,
@@ -428,11 +426,10 @@ STRATEGIES = ("continuous", "batched", "parallel-batches")
 
 
 def make_strategy(name: str, batch_size: int, lanes: int) -> Any:
-    if name == "batched":
-        return Batched(size=batch_size)
-    if name == "parallel-batches":
-        return ParallelBatches(lanes=lanes, size=batch_size)
-    return Continuous()
+    params: dict[str, Any] = {"batched": {"size": batch_size},
+                              "parallel-batches": {"lanes": lanes, "size": batch_size}
+                              }.get(name, {})
+    return strategy_from_name(name, **params)  # the engine's one factory
 
 
 def run_sync(job: SyncJob, contacts: Iterable[Contact | BadRecord | int], *, strategy: Any,
