@@ -11,7 +11,6 @@ warm and cold shutdown).
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import signal
 import threading
@@ -50,6 +49,21 @@ class Options:
     retry_failed: bool = False
     name: str | None = None  # the pipeline's name (a ledger's entries are keyed by it)
     observe: Sequence[Any] | None = None  # observers: engine.otel(), your own
+
+
+class _Inside:
+    """``with run._sigint():`` -- marks control as inside the engine (a flag, no syscall)."""
+
+    __slots__ = ("inside",)
+
+    def __init__(self) -> None:
+        self.inside = False
+
+    def __enter__(self) -> None:
+        self.inside = True
+
+    def __exit__(self, *exc: object) -> None:
+        self.inside = False
 
 
 class _Reorder:
@@ -116,6 +130,9 @@ class Run:
             self.sched.hold = self.reorder.full
         self.observers: list[Any] = []
         self._main_thread = threading.current_thread() is threading.main_thread()
+        self._sigint_checked = False
+        self._old_sigint: Any = None
+        self._inside_block = _Inside()
         if options.progress or options.observe:
             from ._observe import observers  # tqdm / opentelemetry: only when asked for
 
@@ -172,26 +189,32 @@ class Run:
                 st.executor_workers = workers
         return backend
 
-    @contextlib.contextmanager
-    def _sigint(self) -> Iterator[None]:
-        """The engine's SIGINT handler, in force only inside this block."""
-        if (self.clock != "live" or not self._main_thread
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-            yield
-            return
+    def _sigint(self) -> _Inside:
+        """A block in which control is inside the engine: there, Ctrl-C cancels the run; out
+        of it (the caller's code between two results) it raises ``KeyboardInterrupt`` as
+        Python's default handler does. The handler is installed once per run (cheaper than
+        swapping it around every step) and removed by ``close()``."""
+        if not self._sigint_checked:
+            self._sigint_checked = True
+            if (self.clock == "live" and self._main_thread
+                    and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+                self._old_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        return self._inside_block
 
-        def on_sigint(signum: int, frame: Any) -> None:
-            if self.interrupted:  # the second Ctrl-C: stop waiting
-                self.hard_stop = True
-                raise KeyboardInterrupt
-            self.interrupted = True
-            self.token.cancel("KeyboardInterrupt")
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if not self._inside_block.inside:  # the caller's own code: the default behaviour
+            raise KeyboardInterrupt
+        if self.interrupted:  # the second Ctrl-C: stop waiting
+            self.hard_stop = True
+            raise KeyboardInterrupt
+        self.interrupted = True
+        self.token.cancel("KeyboardInterrupt")
 
-        old = signal.signal(signal.SIGINT, on_sigint)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, old)
+    def _restore_sigint(self) -> None:
+        if self._old_sigint is not None:
+            if signal.getsignal(signal.SIGINT) == self._on_sigint:  # not replaced since
+                signal.signal(signal.SIGINT, self._old_sigint)
+            self._old_sigint = None
 
     def batches(self) -> Iterator[list[ItemResult]]:
         """Drive the loop; yield the results that became visible together, as a list. After a
@@ -273,6 +296,7 @@ class Run:
                 ob.close(None)
             if self.durable is not None:
                 self.durable.close()
+            self._restore_sigint()
 
     def raise_pending(self) -> None:
         if self.sched.error is not None:
