@@ -16,10 +16,9 @@ kept as ``__cause__``), so ``RETRYABLE`` is the whole list.
 """
 from __future__ import annotations
 
-import email.utils
-import math
-import time
 from collections.abc import Mapping
+
+from engine._errors import parse_retry_after as _parse_hint
 
 __all__ = ["RETRYABLE", "AdapterError", "PermanentError", "TransientError", "parse_retry_after",
            "retry_after_from"]
@@ -57,22 +56,18 @@ RETRYABLE: tuple[type[BaseException], ...] = (TransientError,)
 def parse_retry_after(value: str | None, *, scale: float = 1.0) -> float | None:
     """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), times ``scale``.
 
-    None when absent or unparsable; never negative; clipped to ``MAX_RETRY_AFTER``.
+    None when absent or unparsable; never negative; clipped to ``MAX_RETRY_AFTER``. The parsing
+    is the engine's (``engine._errors.parse_retry_after``, which reads any ``retry_after`` hint).
     """
     if not value:
         return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError):
+    seconds = _parse_hint(value.strip())
+    if seconds is None:
+        try:  # a negative delta: "now" (the engine's reading says nothing for it)
+            return 0.0 if float(value) < 0 else None
+        except ValueError:
             return None
-        seconds = when.timestamp() - time.time()
-    if math.isnan(seconds):
-        return None
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER) * scale
+    return min(seconds, MAX_RETRY_AFTER) * scale
 
 
 def retry_after_from(headers: Mapping[str, str], *, scale: float = 1.0) -> float | None:
