@@ -75,6 +75,13 @@ class Backend:
         (and its rate limit and budget allow it)."""
         raise NotImplementedError
 
+    def prefetch(self, stage: int) -> int:
+        """How many calls of a plain stage (no gate, hedge or adaptive limit) the backend
+        takes beyond the stage's free slots: 0, or more when its workers can never run more
+        than the limit at once (one thread per slot), so a worker that ends a call takes the
+        next without waiting for the dispatcher."""
+        return 0
+
     def call_later(self, delay: float, obj: object) -> None:
         """Call ``sched.on_timer(obj)`` after ``delay`` seconds."""
         raise NotImplementedError

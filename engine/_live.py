@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 import types
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["LiveBackend"]
 
 _STOP = None  # tells a worker loop to exit
+_PRIO = 0  # wakes a worker loop: a retry waits in its stage's priority queue
 _MAX_WAIT = 3600.0  # longest single wait for a timer (a longer one is waited for in steps)
 _COROUTINE = types.CoroutineType
 _UNSTARTED = 1 << 62  # an async stage's "worker loops": the event loop, never spawned
@@ -149,8 +151,9 @@ class _Relay:
 
 
 def _worker_loop(stage: Stage, call_fn: Callable[..., Any], inbox: queue.SimpleQueue[Any],
-                 outbox: queue.SimpleQueue[Any], cancel: CancelToken) -> None:
-    """One slot of a stage: take the next call, run it, report it. Runs until _STOP."""
+                 prio: deque[_Call], outbox: queue.SimpleQueue[Any], cancel: CancelToken) -> None:
+    """One slot of a stage: take the next call (a retry in ``prio`` first), run it, report
+    it. Runs until _STOP."""
     get, put, clock = inbox.get, outbox.put, time.perf_counter
     resource = None
     broken = False
@@ -162,9 +165,17 @@ def _worker_loop(stage: Stage, call_fn: Callable[..., Any], inbox: queue.SimpleQ
             put(_InitFailed(StageInitError(stage.name, exc)))
     try:
         while True:
-            call = get()
+            if prio:  # a retry goes ahead of the first attempts queued in the inbox
+                try:
+                    call = prio.popleft()
+                except IndexError:  # another worker took it
+                    call = get()
+            else:
+                call = get()
             if call is _STOP:
                 return
+            if call is _PRIO:
+                continue  # woken for a retry: it is taken above (or was taken already)
             if broken or cancel.cancelled:  # the cancellation check: a flag read
                 now = clock()
                 put(_Done(call, now, now, None, None))
@@ -210,6 +221,8 @@ class LiveBackend(Backend):
         self._cancel = cancel
         self._stages = stages
         self._inboxes: list[Any] = []  # a SimpleQueue per thread stage, the loop for async
+        self._prio: list[deque[_Call]] = []  # retries per stage, taken before the inbox
+        self._grows: list[bool] = []  # an adaptive stage: a worker loop per slot on demand
         # worker loops per stage: daemon threads, so that after a second Ctrl-C (close without
         # waiting) a call still running cannot keep the interpreter from exiting
         self._threads: list[list[threading.Thread]] = []
@@ -236,6 +249,8 @@ class LiveBackend(Backend):
             self._start_async_stage(st)
             return
         self._inboxes.append(queue.SimpleQueue())
+        self._prio.append(deque())
+        self._grows.append(not isinstance(st.concurrency, int))
         self._threads.append([])
         call: Callable[..., Any] = st.fn
         workers: int | None = None
@@ -270,6 +285,8 @@ class LiveBackend(Backend):
             loop = self._loop = AsyncLoop(self._outbox, self._cancel)
         s = len(self._inboxes)
         self._inboxes.append(loop)  # loop.put(call) starts its coroutine
+        self._prio.append(deque())
+        self._grows.append(False)
         self._threads.append([])  # no threads: the loop runs its coroutines
         self._calls.append(st.fn)
         self.executor_workers.append(None)
@@ -282,8 +299,8 @@ class LiveBackend(Backend):
         threads = self._threads[s]
         for _ in range(n):
             t = threading.Thread(target=_worker_loop, name=f"conveyor-{st.name}-{len(threads)}",
-                                 args=(st, self._calls[s], self._inboxes[s], self._outbox,
-                                       self._cancel), daemon=True)
+                                 args=(st, self._calls[s], self._inboxes[s], self._prio[s],
+                                       self._outbox, self._cancel), daemon=True)
             t.start()
             threads.append(t)
         self._started[s] += n
@@ -294,12 +311,23 @@ class LiveBackend(Backend):
     def budget_now(self) -> float:
         return time.monotonic()
 
+    def prefetch(self, stage: int) -> int:
+        # a thread stage of a fixed limit has exactly that many worker loops: it can hold any
+        # number of calls queued in its inbox (the old model: no round trip per call)
+        if self._grows[stage] or self._inboxes[stage] is self._loop:
+            return 0
+        return _UNSTARTED
+
     def start(self, call: _Call) -> None:
         s = call.stage
         busy = self._busy[s] = self._busy[s] + 1
-        if busy > self._started[s]:  # an adaptive limit rose: one more worker loop
+        if busy > self._started[s] and self._grows[s]:  # an adaptive limit rose: one more
             self._spawn(s, 1)
-        self._inboxes[s].put(call)
+        if call.attempt > 1 and self._started[s] != _UNSTARTED:
+            self._prio[s].append(call)  # ahead of the first attempts already in the inbox
+            self._inboxes[s].put(_PRIO)
+        else:
+            self._inboxes[s].put(call)
 
     def call_later(self, delay: float, obj: object) -> None:
         heapq.heappush(self._timers, (time.perf_counter() + delay, next(self._seq), obj))

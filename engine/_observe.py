@@ -270,7 +270,10 @@ class ProgressObserver:
         stages: tuple[StageProgress, ...] = ()
         sched = self._sched
         if sched is not None and not final:
-            stages = tuple(StageProgress(st.name, st.running, len(st.waiting), st.limit)
+            # a plain stage's calls beyond its limit wait in the backend: queued, not running
+            stages = tuple(StageProgress(st.name, min(st.running, st.limit),
+                                         len(st.waiting) + max(0, st.running - st.limit),
+                                         st.limit)
                            for st in sched.stages)
         elif self.names:
             stages = tuple(StageProgress(n, 0, 0, 0) for n in self.names)

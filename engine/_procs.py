@@ -651,6 +651,9 @@ class ProcessBackend(LiveBackend):
                 best = w
         return best
 
+    def prefetch(self, stage: int) -> int:
+        return 0  # a child takes a call only into a free slot (its share of the limit)
+
     def start(self, call: _Call) -> None:
         s = call.stage
         w = self._pick(s)

@@ -77,11 +77,15 @@ class Scheduler(FlowSteps):
 
     def attach(self, backend: Backend, policy: Policy) -> None:
         self.backend = backend
+        self.now = backend.now  # bound once: the hot path calls them per call
+        self.backend_start = backend.start
         self.backend_wake: Callable[[], None] = getattr(backend, "wake", lambda: None)
         self.policy = policy
         now = backend.now()
         for st in self.stages:
             st.start_run(now)
+            if st.plain:
+                st.cap = st.limit + backend.prefetch(st.index)
 
     # -- state the loop and the policies read --------------------------------------------------
     @property
@@ -136,9 +140,14 @@ class Scheduler(FlowSteps):
         s = item.stage = item.stage + 1
         item.attempt = 1
         st = self.stages[s]
-        item.queued_at = self.backend.now()
-        if st.plain and st.running < st.limit and not st.waiting and not self.cancel.cancelled:
-            self._start_plain(st, item)  # the hot path: a free slot, nothing to consult
+        item.queued_at = now = self.now()
+        if st.plain and st.running < st.cap and not st.waiting and not self.cancel.cancelled:
+            # the hot path (_start_plain inlined): a free slot, nothing to consult
+            n = st.running = st.running + 1
+            item.running += 1
+            if n > st.peak:
+                st.peak = n
+            self.backend_start(_Call(item, s, st.name, 1, False, now))
         else:
             if st.gated_at >= 0.0:
                 st.gate_closed(item.queued_at)  # the queue grows while gated
@@ -185,7 +194,7 @@ class Scheduler(FlowSteps):
             return
         waiting, due = st.waiting, st.hedge_due
         if st.plain:  # no gate, no hedge: the hot path
-            while waiting and st.running < st.limit:
+            while waiting and st.running < st.cap:
                 self._start_plain(st, waiting.popleft())
             return
         while st.running < st.limit and (waiting or due):
@@ -220,7 +229,7 @@ class Scheduler(FlowSteps):
         item.running += 1
         if n > st.peak:
             st.peak = n
-        self.backend.start(_Call(item, st.index, st.name, item.attempt, False, item.queued_at))
+        self.backend_start(_Call(item, st.index, st.name, item.attempt, False, item.queued_at))
 
     def _drain(self) -> None:
         """The run is cancelled: every item still waiting for a slot ends cancelled now."""
@@ -356,7 +365,14 @@ class Scheduler(FlowSteps):
                                            (_new(Attempt, (start, end, None, False, False,
                                                            None)),), False)))
         item.value = result
-        self._move_on(item)
+        if item.stage == self.last:  # _move_on, inlined
+            item.status = "ok"
+            self.policy.item_done(item)
+        elif self.cancel.cancelled:
+            item.status = "cancelled"
+            self.policy.item_done(item)
+        else:
+            self.policy.stage_done(item)
 
     def _won(self, st: StageState, call: _Call, start: float, end: float, result: Any,
              cost: dict[str, float] | None) -> None:

@@ -83,6 +83,8 @@ class StageState:
         self.unarmed: list[_Call] = []  # started before the hedge delay was known
         self.head: _Call | None = None  # the call at the head, estimated, waiting for a gate
         self.running = 0  # calls handed to the backend and not yet reported
+        # a plain stage hands the backend calls up to cap (limit + the backend's prefetch)
+        self.cap = self.limit
         self.started = 0  # calls started (hedges included)
         self.wake_at = -1.0  # a gate's wake-up is pending until then
         self.gated_at = -1.0  # when the head of the queue started waiting at a gate
