@@ -16,7 +16,8 @@ ensure_venv "[dev]" "engine pytest hypothesis pytest_timeout stagepipe"
   --benchmark-json=results/benchmarks/engine.json "$@"
 if [ "${CONVEYOR_BENCH_COMPILED:-1}" != "0" ]; then
   ensure_compiled_venv || echo "bench: building the compiled venv failed" >&2
-  if .venv-compiled/bin/python -c "import engine, sys; sys.exit(0 if engine.COMPILED else 1)" \
+  # -P: the checkout is not on sys.path (with it, `import engine` would find the sources)
+  if .venv-compiled/bin/python -P -c "import engine, sys; sys.exit(0 if engine.COMPILED else 1)" \
        2>/dev/null; then
     # -P: the checkout is not put on sys.path, so `import engine` is the compiled install
     .venv-compiled/bin/python -P -m pytest tests/benchmarks/test_overhead.py \

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 from typing import Any
 
+from ._mypyc import mypyc_attr
+
 __all__ = ["Admission", "Backend", "Policy"]
 
 
@@ -58,6 +60,8 @@ class _Call:
         self.event: Any = None  # live, at a hedged stage: set when the call is discarded
 
 
+# compiled or not, backends, schedulers and policies (a user's own too) subclass it
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Backend:
     """Where calls run and what time it is. The scheduler asks nothing else of it."""
 
@@ -101,6 +105,8 @@ class Backend:
         raise NotImplementedError
 
 
+# compiled or not, backends, schedulers and policies (a user's own too) subclass it
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Admission:
     """What a :class:`Policy` may ask of the scheduler (the scheduler implements it)."""
 
@@ -142,6 +148,8 @@ class Admission:
         raise NotImplementedError
 
 
+# compiled or not, backends, schedulers and policies (a user's own too) subclass it
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Policy:
     """What a strategy decides during a run. A strategy's ``policy(sched)`` builds one; the
     scheduler calls these three methods and nothing else, and a policy's only effects are the

@@ -61,6 +61,33 @@ RUN = textwrap.dedent("""
             doc = Pipeline(st).run(range(60), strategy, clock="virtual").to_json()
             doc["metadata"].pop("started_at")
             out[name + strategy.name + json.dumps(strategy.params)] = doc
+    # live, on threads, with an interpreted backend and a user's interpreted policy: both
+    # subclass compiled classes (LiveBackend(Backend), a strategy's own Policy)
+    from engine import Policy
+
+    class Halves(Policy):
+        lookahead = 1
+        def __init__(self, sched):
+            self.sched = sched
+        def params(self):
+            return {}
+        def fill(self):
+            while (item := self.sched.admit_one()) is not None:
+                self.sched.advance(item)
+        def stage_done(self, item):
+            self.sched.advance(item)
+        def item_done(self, item):
+            self.sched.emit((item,))
+
+    class Mine:
+        name, params = "mine", {}
+        def policy(self, sched):
+            return Halves(sched)
+
+    live = [Stage("a", lambda x: x + 1, 2), Stage("b", lambda x: x * 2, 3)]
+    got = sorted(r.value for r in Pipeline(live).stream(range(500), Continuous()))
+    mine = Pipeline(live).run(range(50), Mine())
+    out["live"] = {"values": got == [(i + 1) * 2 for i in range(500)], "mine": mine.ok}
     print(json.dumps(out))
 """)
 
@@ -105,6 +132,7 @@ def test_compiled_and_sources_decide_the_same(compiled_copy: Path) -> None:
     assert compiled.pop("compiled") is True and pure.pop("compiled") is False
     assert all(f.endswith(EXT) for f in compiled.pop("files"))
     assert all(f.endswith(".py") for f in pure.pop("files"))
+    assert compiled.pop("live") == pure.pop("live") == {"values": True, "mine": 50}
     assert compiled.keys() == pure.keys() and len(compiled) == 8
     for name in compiled:
         assert compiled[name] == pure[name], name  # every call's start and end, every status
