@@ -6,6 +6,7 @@ peak RSS growth over the process's RSS after warm-up. Target: <= 20 MB.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,9 @@ import textwrap
 import pytest
 
 from contract import ROOT
+
+# CONVEYOR_BENCH_QUICK=1 (CI): 200,000 items instead of 1,000,000, to keep CI short
+QUICK = os.environ.get("CONVEYOR_BENCH_QUICK", "") not in ("", "0")
 
 SCRIPT = textwrap.dedent("""
     import json, sys, threading, time
@@ -52,7 +56,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.timeout(600)
 def test_stream_million_items_memory(benchmark) -> None:
-    n = 1_000_000
+    n = 200_000 if QUICK else 1_000_000
 
     def run() -> dict:
         out = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(ROOT), n=n)],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -24,6 +25,9 @@ from contract import ROOT
 from engine import Batched, Continuous, ParallelBatches, Pipeline, RetryPolicy, Stage
 from engine._retry import unit_random
 from simulators import Faults, SimulatedService, parse_latency
+
+# CONVEYOR_BENCH_QUICK=1 (CI): 200,000 items instead of 1,000,000, to keep CI short
+QUICK = os.environ.get("CONVEYOR_BENCH_QUICK", "") not in ("", "0")
 
 SEED = ROOT / "bench" / "scenarios" / "seed.toml"
 
@@ -181,7 +185,7 @@ MILLION = textwrap.dedent("""
 
 @pytest.mark.timeout(600)
 def test_million_items_virtual(benchmark) -> None:
-    n = 1_000_000
+    n = 200_000 if QUICK else 1_000_000
 
     def run() -> dict:
         out = subprocess.run(
