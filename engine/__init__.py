@@ -16,8 +16,9 @@ from ._core import Admission, Policy
 from ._errors import StageInitError, WorkerLost
 from ._hedge import Hedge
 from ._ledger import CodecError, JsonCodec, Ledger, LedgerBusy, LedgerError, SqliteLedger
-from ._observe import Progress, StageProgress, otel
+from ._otel import otel
 from ._pipeline import Pipeline
+from ._progress import Progress, StageProgress
 from ._ratelimit import RateLimit
 from ._records import (
     Attempt,

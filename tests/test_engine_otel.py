@@ -30,7 +30,8 @@ from engine import (
     Stage,
     StageSpan,
 )
-from engine._observe import Otel, OtelObserver, RunInfo, observers, otel
+from engine._observe import RunInfo, observers
+from engine._otel import Otel, OtelObserver, otel
 
 
 class Setup:

@@ -15,15 +15,8 @@ from typing import Any
 import pytest
 
 from engine import Adaptive, ItemResult, Pipeline, RunReport, Stage
-from engine._observe import (
-    Observer,
-    Progress,
-    ProgressObserver,
-    RunInfo,
-    StageProgress,
-    capture_logs,
-    observers,
-)
+from engine._observe import Observer, RunInfo, capture_logs, observers
+from engine._progress import Progress, ProgressObserver, StageProgress
 from engine._run import Options
 
 
@@ -284,10 +277,10 @@ def test_observers_validation_and_factories() -> None:
 
 def test_engine_imports_without_tqdm_or_opentelemetry() -> None:
     code = ("import sys; sys.modules['tqdm'] = None; sys.modules['opentelemetry'] = None\n"
-            "import engine, engine._observe as o\n"
+            "import engine, engine._observe as o, engine._otel as t\n"
             "o.observers(False, ['a'], 1)\n"
             "assert not [m for m in sys.modules if m.startswith(('tqdm.', 'opentelemetry.'))]\n"
-            "try:\n    o.otel()\nexcept ImportError as e:\n    print(e)\n")
+            "try:\n    t.otel()\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert "conveyor[otel]" in out

@@ -26,7 +26,9 @@ import pytest
 from test_engine_progress import run_observed
 
 from engine import Continuous, Pipeline, Stage
-from engine._observe import Observer, ProgressObserver, observers, otel
+from engine._observe import Observer, observers
+from engine._otel import otel
+from engine._progress import ProgressObserver
 
 N = 20_000
 
