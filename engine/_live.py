@@ -365,7 +365,7 @@ class LiveBackend(Backend):
             if outbox.empty():
                 break
             msg = outbox.get()
-        msg = call = result = None  # do not keep the last result alive while waiting
+        msg = result = None  # do not keep the last result alive while waiting
         if timers:
             now = time.perf_counter()
             cancelled = sched.cancelled

@@ -111,8 +111,7 @@ class Run:
         self._items = items
         if clock == "virtual":
             VirtualBackend.check(stages)
-        self.sched = Scheduler(stages, SyncFeed(iter(()), None), self.token,
-                               virtual=clock == "virtual")
+        self.sched = Scheduler(stages, self.token, virtual=clock == "virtual")
         self.policy = strategy.policy(self.sched)
         if not isinstance(self.policy, Policy):
             raise TypeError(f"strategy: {strategy!r}.policy() must return an engine.Policy, "
@@ -176,8 +175,7 @@ class Run:
         else:
             assert isinstance(backend, LiveBackend)
             self.feed = ThreadFeed(iter(items), self._key, ahead, backend.wake, lookup)
-        self.sched.feed = self.feed
-        self.sched.attach(backend, self.policy)
+        self.sched.attach(backend, self.policy, self.feed)
         if self.observers:
             from ._observe import RunInfo
 

@@ -54,13 +54,13 @@ class Scheduler(FlowSteps):
     """Admission, stage queues and slots, retries, cancellation, visibility (the flow-control
     and durability steps it takes are in ``engine._flow``)."""
 
-    def __init__(self, stages: tuple[Stage, ...], feed: Feed, cancel: CancelToken, *,
+    def __init__(self, stages: tuple[Stage, ...], cancel: CancelToken, *,
                  virtual: bool = False) -> None:
         self.names = tuple(s.name for s in stages)
         self.virtual = virtual
         self._limits = [s.max_concurrency for s in stages]
         self.last = len(stages) - 1
-        self.feed = feed
+        self.feed: Feed  # set by attach(): the input is read only once the run starts
         self.cancel = cancel
         self.next_index = 0
         self.open = 0  # admitted and not yet handed to the caller
@@ -75,7 +75,9 @@ class Scheduler(FlowSteps):
         self.hold: Callable[[], bool] | None = None  # admission waits while it says so
         self.posted: deque[tuple[_Item, BaseException | None]] = deque()  # durable writes
 
-    def attach(self, backend: Backend, policy: Policy) -> None:
+    def attach(self, backend: Backend, policy: Policy, feed: Feed) -> None:
+        """The run starts: where calls run, the strategy's policy and the input."""
+        self.feed = feed
         self.backend = backend
         self.now = backend.now  # bound once: the hot path calls them per call
         self.backend_start = backend.start
