@@ -10,10 +10,21 @@
 
 Flags: ``--contacts N`` (ids 1..N) or ``--contacts-file F`` (one contact per line: a bare id
 or a JSON object with ``id`` and optional ``name``, ``email`` and other attributes),
-``--strategy continuous|batched|parallel-batches``, ``--resume``, ``--retry-failed``,
-``--ledger db|none|PATH``, ``--demo``. Progress goes to stderr, the summary to stdout. Exit
-status: 0 if every contact is ok, 1 if any failed or was cancelled, 2 on a usage or
-configuration error (or another run of the job holding the ledger).
+``--strategy continuous|batched|parallel-batches``, ``--processes N``, ``--resume``,
+``--retry-failed``, ``--ledger db|none|PATH``, ``--demo``, ``--quiet``. Progress is the
+engine's own (``progress=True``: a tqdm bar on a terminal, a plain line now and then
+otherwise) on stderr; the summary goes to stdout. Exit status: 0 if every contact is ok, 1 if
+any failed or was cancelled, 2 on a usage or configuration error (or another run of the job
+holding the ledger).
+
+More cores (DESIGN §12): the job's own Python CPU (the openai client, requests, psycopg2 under
+one GIL) saturates one core at a few hundred contacts a second. ``--processes N`` runs every
+stage's calls in N worker processes (``pipeline.run(..., processes=N)``); the scheduler, the
+limits and the ledger stay in this process. Each worker process builds its own clients through
+the stages' ``init`` (``PerProcess``: one HTTP fetcher, one openai client and one PostgreSQL
+pool per process, shared by its worker threads, sized to its share of the stage limits), so
+only configuration crosses the process boundary. ``--processes 1`` (the default) runs the
+stages on threads in this process with the clients built here, as before.
 
 Durable runs (DESIGN §11): every run records its progress in a ledger, by default a
 ``PostgresLedger`` in the job's own database (table ``conveyor_ledger``, pipeline name
@@ -43,10 +54,11 @@ For the benchmark harness (the ``live-services`` scenario)::
     with local_services(fetch_latency=..., analyze_latency=..., faults=None, seed=7,
                         time_scale=ts) as cfg, \
             build_pipeline(cfg, concurrency={"fetch": 50, ...}, time_scale=ts) as job:
-        report = job.pipeline.run(range(1, 1001), strategy=Batched(size=50))
+        report = job.run(range(1, 1001), strategy=Batched(size=50))
 
 ``build_pipeline`` returns a ``SyncJob`` whose ``.pipeline`` is the four-stage engine
-``Pipeline`` (items: contact ids or ``Contact``s; key: the contact id) and whose ``close()``
+``Pipeline`` (items: contact ids or ``Contact``s; key: the contact id), whose ``run`` and
+``stream`` are the pipeline's with the job's ``processes`` filled in, and whose ``close()``
 releases clients and connections; ``local_services`` starts the fake servers and a throwaway
 PostgreSQL (in this process: for CPU measurements start the servers in their own processes with
 ``python -m simulators.servers`` and build a ``SyncConfig`` by hand).
@@ -55,11 +67,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -76,7 +90,9 @@ from engine import (
     LedgerBusy,
     LedgerError,
     Pipeline,
+    Progress,
     RetryPolicy,
+    RunReport,
     SqliteLedger,
     Stage,
     strategy_from_name,
@@ -97,8 +113,9 @@ from engine.adapters import (
 # engine.adapters exports it (DESIGN §11); older checkouts have it only in its module
 PostgresLedger: Any = getattr(_adapters, "PostgresLedger", None) or _ledger_pg.PostgresLedger
 
-__all__ = ["DEFAULT_CONCURRENCY", "PIPELINE_NAME", "AnalyzedCodec", "BadRecord", "SyncConfig",
-           "SyncJob", "build_pipeline", "local_services", "main", "read_contacts", "run_sync"]
+__all__ = ["DEFAULT_CONCURRENCY", "PIPELINE_NAME", "AnalyzedCodec", "BadRecord", "Lease",
+           "PerProcess", "SyncConfig", "SyncJob", "build_pipeline", "local_services", "main",
+           "read_contacts", "run_sync"]
 
 #: the pipeline's name in the ledger (its entries are keyed by it, the item key and the stage)
 PIPELINE_NAME = "contact-sync"
@@ -207,57 +224,234 @@ def open_ledger(where: str, config: SyncConfig) -> Ledger | None:
     return SqliteLedger(where)
 
 
+class PerProcess:
+    """``Stage(init=PerProcess(make))``: one client per process, shared by its worker threads.
+
+    The engine runs a stage's ``init`` once per worker thread (in the worker process with
+    ``processes=N``) and closes each worker's resource when the worker ends. The job's clients
+    are thread-safe and pooled, so one per process is what is wanted: the first worker thread
+    of a process calls ``make()``, every worker gets a ``Lease`` on that client, and closing the
+    last lease closes the client. It pickles as ``make`` alone (a picklable object holding only
+    configuration), so each process builds its own client."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make = make
+        self._lock = threading.Lock()
+        self._client: Any = None
+        self._leases = 0
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PerProcess, (self.make,))
+
+    def __repr__(self) -> str:
+        return f"PerProcess({self.make!r})"
+
+    def __call__(self) -> Lease:
+        with self._lock:
+            if self._client is None:
+                self._client = self.make()
+            self._leases += 1
+            return Lease(self, self._client)
+
+    def _release(self) -> None:
+        with self._lock:
+            self._leases -= 1
+            if self._leases > 0 or self._client is None:
+                return
+            client, self._client = self._client, None
+        client.close()
+
+
+class Lease:
+    """A worker thread's use of its process's client (``.client``); ``close()`` gives it back."""
+
+    __slots__ = ("_owner", "client")
+
+    def __init__(self, owner: PerProcess, client: Any) -> None:
+        self._owner: PerProcess | None = owner
+        self.client = client
+
+    def close(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner._release()
+
+
+@dataclass(frozen=True)
+class _MakeFetch:
+    """Builds a process's ``HttpFetch`` (a Session per worker thread inside it)."""
+
+    url: str
+    timeout: tuple[float, float]
+
+    def __call__(self) -> HttpFetch:
+        return HttpFetch(self.url, timeout=self.timeout)
+
+
+@dataclass(frozen=True)
+class _MakeLLM:
+    """Builds a process's ``LLMAnalyze``, its connection pool sized to the process's share."""
+
+    config: SyncConfig  # its repr hides the key
+    concurrency: int
+    timeout: float
+
+    def __call__(self) -> LLMAnalyze:
+        c = self.config
+        return LLMAnalyze(base_url=c.openai_base_url, api_key=c.openai_api_key,
+                          model=c.openai_model, concurrency=self.concurrency,
+                          timeout=self.timeout)
+
+
+@dataclass
+class _MakeStore:
+    """Builds a process's ``PostgresStore``: a pool sized to the process's share of the save
+    and assign slots; the schema is the parent's to create. ``run_id`` tags the rows: the
+    parent's ``start_run`` sets it before the run starts its worker processes, which get it
+    with this object."""
+
+    config: SyncConfig  # its repr hides the DSN
+    concurrency: int
+    run_id: int | None = None
+
+    def __call__(self) -> PostgresStore:
+        store = PostgresStore(self.config.database_url, concurrency=self.concurrency,
+                              create_schema=False)
+        store.run_id = self.run_id
+        return store
+
+
+# The stages of a job with processes > 1: module-level functions (they pickle by name), called
+# with the worker's lease on its process's client.
+def fetch_leased(item: Contact | BadRecord | int, lease: Lease) -> Any:
+    if isinstance(item, BadRecord):
+        raise PermanentError(item.reason)
+    return lease.client(item)
+
+
+def analyze_leased(fetched: Any, lease: Lease) -> Analyzed:
+    return lease.client(fetched)
+
+
+def save_leased(analyzed: Analyzed, lease: Lease) -> Analyzed:
+    return lease.client.save(analyzed)
+
+
+def assign_leased(analyzed: Analyzed, lease: Lease) -> Any:
+    return lease.client.assign(analyzed)
+
+
+class _Bookkeeping(PostgresStore):
+    """The parent's store of a job with worker processes: the run's own statements on a small
+    pool; ``start_run`` also hands the run's id to the worker processes' stores (through their
+    maker, which they get when the run starts them)."""
+
+    def __init__(self, dsn: str, maker: _MakeStore) -> None:
+        super().__init__(dsn, concurrency=1)
+        self._maker = maker
+
+    def start_run(self, strategy: str, params: dict[str, Any]) -> int:
+        self._maker.run_id = run_id = super().start_run(strategy, params)
+        return run_id
+
+
+def _share(limit: int, processes: int) -> int:
+    """The most slots of a stage one of ``processes`` worker processes holds (the engine
+    splits a limit as evenly as it can)."""
+    return max(1, -(-limit // processes))
+
+
 class SyncJob:
-    """The four-stage pipeline and the clients it owns. ``close()`` (or ``with``) frees them."""
+    """The four-stage pipeline and the clients it owns. ``close()`` (or ``with``) frees them.
+
+    ``processes=1``: the clients are built here and the stages are their bound methods, run on
+    threads in this process. ``processes=N > 1``: each stage gets an ``init`` that builds its
+    client in each worker process (``PerProcess``), and this process keeps only a small
+    PostgreSQL pool for the run's bookkeeping (``sync_runs``, ``sync_failures``)."""
 
     def __init__(self, config: SyncConfig, *, concurrency: Mapping[str, int] | None = None,
                  time_scale: float = 1.0, attempts: int = 4,
                  http_timeout: tuple[float, float] = (3.05, 30.0),
-                 llm_timeout: float = 60.0) -> None:
+                 llm_timeout: float = 60.0, processes: int = 1) -> None:
         limits = {**DEFAULT_CONCURRENCY, **(concurrency or {})}
         unknown = set(limits) - set(DEFAULT_CONCURRENCY)
         if unknown:
             raise ConfigError(f"concurrency: unknown stage(s) {sorted(unknown)}; expected "
                               f"{list(DEFAULT_CONCURRENCY)}")
+        if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+            raise ConfigError(f"processes: expected an int >= 1, got {processes!r}")
         self.config = config
         self.limits = limits
-        self.fetch = HttpFetch(config.messages_api_url, timeout=http_timeout)
-        self.llm = LLMAnalyze(base_url=config.openai_base_url, api_key=config.openai_api_key,
-                              model=config.openai_model, concurrency=limits["analyze"],
-                              timeout=llm_timeout)
-        try:
-            # One pool for both database stages, sized to the sum of their limits.
-            self.store = PostgresStore(config.database_url,
-                                       concurrency=limits["save"] + limits["assign"])
-        except BaseException:
-            self.fetch.close()
-            self.llm.close()
-            raise
+        self.processes = processes
         # Backoff is in engine-clock seconds: a benchmark running its services at time_scale
         # scales it too. Retry-After hints from the servers are already real seconds.
         net = RetryPolicy(attempts=attempts, backoff=0.5 * time_scale,
                           max_backoff=8.0 * time_scale, retry_on=RETRYABLE)
         db = RetryPolicy(attempts=max(attempts, 6), backoff=0.2 * time_scale,
                          max_backoff=5.0 * time_scale, retry_on=RETRYABLE)
-        fetch = self.fetch
+        self.fetch: HttpFetch | None = None
+        self.llm: LLMAnalyze | None = None
+        self.store: PostgresStore
+        if processes > 1:
+            maker = _MakeStore(config, _share(limits["save"], processes)
+                               + _share(limits["assign"], processes))
+            self.store = _Bookkeeping(config.database_url, maker)
+            store = PerProcess(maker)  # save and assign share a process's pool
+            stages = [
+                Stage("fetch", fetch_leased, concurrency=limits["fetch"], retry=net,
+                      init=PerProcess(_MakeFetch(config.messages_api_url, http_timeout))),
+                Stage("analyze", analyze_leased, concurrency=limits["analyze"], retry=net,
+                      checkpoint=True, codec=AnalyzedCodec(),
+                      init=PerProcess(_MakeLLM(config, _share(limits["analyze"], processes),
+                                               llm_timeout))),
+                Stage("save", save_leased, concurrency=limits["save"], retry=db, init=store),
+                Stage("assign", assign_leased, concurrency=limits["assign"], retry=db,
+                      init=store),
+            ]
+        else:
+            self.fetch = HttpFetch(config.messages_api_url, timeout=http_timeout)
+            self.llm = LLMAnalyze(base_url=config.openai_base_url,
+                                  api_key=config.openai_api_key, model=config.openai_model,
+                                  concurrency=limits["analyze"], timeout=llm_timeout)
+            try:
+                # One pool for both database stages, sized to the sum of their limits.
+                self.store = PostgresStore(config.database_url,
+                                           concurrency=limits["save"] + limits["assign"])
+            except BaseException:
+                self.fetch.close()
+                self.llm.close()
+                raise
+            fetch = self.fetch
 
-        def fetch_contact(item: Contact | BadRecord | int) -> Any:
-            if isinstance(item, BadRecord):
-                raise PermanentError(item.reason)
-            return fetch(item)
+            def fetch_contact(item: Contact | BadRecord | int) -> Any:
+                if isinstance(item, BadRecord):
+                    raise PermanentError(item.reason)
+                return fetch(item)
 
-        self.pipeline = Pipeline([
-            Stage("fetch", fetch_contact, concurrency=limits["fetch"], retry=net),
-            # checkpointed: with a ledger, a paid-for analysis is never asked for again
-            Stage("analyze", self.llm, concurrency=limits["analyze"], retry=net,
-                  checkpoint=True, codec=AnalyzedCodec()),
-            Stage("save", self.store.save, concurrency=limits["save"], retry=db),
-            Stage("assign", self.store.assign, concurrency=limits["assign"], retry=db),
-        ], key=item_key, name=PIPELINE_NAME)
+            stages = [
+                Stage("fetch", fetch_contact, concurrency=limits["fetch"], retry=net),
+                # checkpointed: with a ledger, a paid-for analysis is never asked for again
+                Stage("analyze", self.llm, concurrency=limits["analyze"], retry=net,
+                      checkpoint=True, codec=AnalyzedCodec()),
+                Stage("save", self.store.save, concurrency=limits["save"], retry=db),
+                Stage("assign", self.store.assign, concurrency=limits["assign"], retry=db),
+            ]
+        self.pipeline = Pipeline(stages, key=item_key, name=PIPELINE_NAME)
+
+    def stream(self, items: Iterable[Any], strategy: Any = None,
+               **options: Any) -> Iterator[ItemResult]:
+        """``self.pipeline.stream`` in the job's worker processes (``processes > 1``)."""
+        return self.pipeline.stream(items, strategy, processes=_processes_of(self), **options)
+
+    def run(self, items: Iterable[Any], strategy: Any = None, **options: Any) -> RunReport:
+        """``self.pipeline.run`` in the job's worker processes (``processes > 1``)."""
+        return self.pipeline.run(items, strategy, processes=_processes_of(self), **options)
 
     def close(self) -> None:
-        self.fetch.close()
-        self.llm.close()
+        if self.fetch is not None:
+            self.fetch.close()
+        if self.llm is not None:
+            self.llm.close()
         self.store.close()
 
     def __enter__(self) -> SyncJob:
@@ -267,21 +461,30 @@ class SyncJob:
         self.close()
 
 
+def _processes_of(job: Any) -> int | None:
+    """The engine's ``processes=`` for a job: None (threads here) unless it has more than one.
+    (A job of ``SyncJob``'s interface without ``processes`` runs on threads.)"""
+    n = getattr(job, "processes", 1)
+    return n if n > 1 else None
+
+
 def build_pipeline(config: SyncConfig, *, concurrency: Mapping[str, int] | None = None,
                    time_scale: float = 1.0, attempts: int = 4,
                    http_timeout: tuple[float, float] = (3.05, 30.0),
-                   llm_timeout: float = 60.0) -> SyncJob:
+                   llm_timeout: float = 60.0, processes: int = 1) -> SyncJob:
     """The sync job's ``Pipeline`` over real clients, for this CLI and for the benchmark.
 
     ``concurrency`` overrides the stage limits (``DEFAULT_CONCURRENCY``); ``time_scale``
     scales retry backoff for services that run at a benchmark's time scale; ``attempts`` is
-    the retry budget of the network stages (the database stages get at least 6). Use::
+    the retry budget of the network stages (the database stages get at least 6);
+    ``processes`` > 1 runs the stages' calls in that many worker processes, each with its own
+    clients (run it with ``job.run``/``job.stream``, which pass ``processes`` on). Use::
 
         with build_pipeline(cfg, time_scale=0.02) as job:
-            report = job.pipeline.run(range(1, 1001), strategy=Continuous())
+            report = job.run(range(1, 1001), strategy=Continuous())
     """
     return SyncJob(config, concurrency=concurrency, time_scale=time_scale, attempts=attempts,
-                   http_timeout=http_timeout, llm_timeout=llm_timeout)
+                   http_timeout=http_timeout, llm_timeout=llm_timeout, processes=processes)
 
 
 # -- input ---------------------------------------------------------------------------------------
@@ -356,22 +559,58 @@ class Console:
             print(self.redact(text), file=self.err, end=end, flush=True)
 
 
-class Progress:
-    """Counts results as they stream by; redraws one status line at most every 0.5 s.
+def engine_progress(console: Console) -> Any:
+    """What the job passes as the engine's ``progress=``.
+
+    ``--quiet``: nothing. When the console writes to this process's stderr: ``True``, the
+    engine's own display there (a tqdm bar on a terminal, a plain line now and then
+    otherwise). When it writes elsewhere (a caller's stream: the tests, a job embedding
+    ``main``), or on a terminal without tqdm installed (``pip install 'conveyor[progress]'``):
+    the engine's plain progress lines, through the console (``ProgressLines``). The engine's
+    display shows stage names and counts only, never a value or a secret."""
+    if console.quiet:
+        return False
+    err = console.err
+    if err is sys.stderr and (not _isatty(err) or importlib.util.find_spec("tqdm") is not None):
+        return True
+    return ProgressLines(console.note)
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class ProgressLines:
+    """A ``progress=`` callable: the engine's plain line (``Progress.line()``) to ``write``
+    every ``every`` seconds and once at the end (the engine calls it ~10 times a second)."""
+
+    def __init__(self, write: Callable[[str], Any], every: float = 5.0) -> None:
+        self.write, self.every = write, every
+        self._next = time.monotonic() + every
+
+    def __call__(self, p: Progress) -> None:
+        now = time.monotonic()
+        if p.final or now >= self._next:
+            self._next = now + self.every
+            self.write(p.line())
+
+
+class Tally:
+    """Counts results as they stream by, for the summary (the engine draws the progress).
 
     Keeps counters only (per stage, and at most ``MAX_REASONS`` distinct failure reasons):
     memory does not grow with the number of contacts."""
 
     MAX_REASONS = 200
 
-    def __init__(self, console: Console, total: int | None) -> None:
-        self.console, self.total = console, total
+    def __init__(self) -> None:
         self.ok = self.failed = self.cancelled = 0
         self.already_done = 0  # ok from the ledger: every stage restored, nothing run
         self.restored = 0  # resumed past a recorded analysis: no second LLM call
         self.t0 = time.perf_counter()
-        self._next = 0.0
-        self._tty = console.err.isatty()
         self.busy: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.reasons: dict[tuple[str, str, str], int] = {}
@@ -404,21 +643,6 @@ class Progress:
             if reason not in self.reasons and len(self.reasons) >= self.MAX_REASONS:
                 reason = (r.error.stage, r.error.type, "(other reasons)")  # memory stays O(1)
             self.reasons[reason] = self.reasons.get(reason, 0) + 1
-        now = time.perf_counter()
-        if now >= self._next:
-            self._next = now + (0.5 if self._tty else 5.0)
-            self.draw(now)
-
-    def draw(self, now: float, final: bool = False) -> None:
-        elapsed = max(now - self.t0, 1e-9)
-        of = f"/{self.total}" if self.total is not None else ""
-        line = (f"  {self.done}{of} done: ok {self.ok}, failed {self.failed}"
-                f"{f', cancelled {self.cancelled}' if self.cancelled else ''}"
-                f" | {self.done / elapsed:.1f} contacts/s | {elapsed:.1f} s")
-        if self._tty:
-            self.console.note("\r" + line + "\x1b[K", end="\n" if final else "")
-        else:
-            self.console.note(line)
 
 
 # -- the run -------------------------------------------------------------------------------------
@@ -433,14 +657,17 @@ def make_strategy(name: str, batch_size: int, lanes: int) -> Any:
 
 
 def run_sync(job: SyncJob, contacts: Iterable[Contact | BadRecord | int], *, strategy: Any,
-             resume: bool, console: Console, total: int | None,
+             resume: bool, console: Console, total: int | None = None,
              cancel: CancelToken | None = None, ledger: Ledger | None = None,
              retry_failed: bool = False) -> int:
     """Run the job, record every outcome durably, print the summary; return the exit status.
 
     With a ``ledger`` the run is durable: ``resume`` goes on from what it recorded (else the
     run starts over: the ledger forgets the job first), ``retry_failed`` replays its dead
-    letters too."""
+    letters too. ``job``: a ``SyncJob``, or anything with its ``config``, ``limits``,
+    ``pipeline`` and ``store`` (and optionally ``processes``). Progress is the engine's
+    (``engine_progress``), on the console's stderr; it counts the total itself when
+    ``contacts`` is a range or a list (``total`` is accepted for older callers, not needed)."""
     store = job.store
     resume = resume or retry_failed
     if resume and ledger is None:
@@ -456,24 +683,28 @@ def run_sync(job: SyncJob, contacts: Iterable[Contact | BadRecord | int], *, str
         except LedgerError as exc:
             console.note(f"contact_sync.py: error: cannot start: the ledger: {exc}")
             return 2
-    run_id = store.start_run(strategy.name, dict(strategy.params))
+    run_id = store.start_run(strategy.name, dict(strategy.params))  # before the workers start
+    processes = _processes_of(job)
     where = ("none" if ledger is None else "the job's database"
              if isinstance(ledger, PostgresLedger) else str(ledger))
     console.note(f"sync run {run_id}: strategy {strategy.name} {dict(strategy.params)}, "
-                 f"limits {job.limits}, database {redact_dsn(job.config.database_url)}, "
+                 f"limits {job.limits}"
+                 f"{f', {processes} worker processes' if processes else ''}, "
+                 f"database {redact_dsn(job.config.database_url)}, "
                  f"ledger {where}{' (resuming)' if resume else ''}")
-    progress = Progress(console, total)
+    tally = Tally()
     status = "crashed"  # until the loop ends one way or another
     try:
-        for r in job.pipeline.stream(contacts, strategy=strategy, cancel=cancel,
-                                     ledger=ledger, retry_failed=retry_failed):
-            progress.add(r)
+        for r in job.pipeline.stream(contacts, strategy, cancel=cancel, ledger=ledger,
+                                     retry_failed=retry_failed, processes=processes,
+                                     progress=engine_progress(console)):
+            tally.add(r)
             if r.status != "ok":
                 err = r.error
                 store.record_failure(str(r.key), r.key if isinstance(r.key, int) else None,
                                      r.status, err.stage if err else None,
                                      err.type if err else None, err.message if err else None)
-        status = "ok" if progress.failed == progress.cancelled == 0 else "failed"
+        status = "ok" if tally.failed == tally.cancelled == 0 else "failed"
     except KeyboardInterrupt:
         status = "cancelled"
     except LedgerBusy as exc:
@@ -483,13 +714,11 @@ def run_sync(job: SyncJob, contacts: Iterable[Contact | BadRecord | int], *, str
         status = "crashed"
         console.note(f"contact_sync.py: error: the run stopped: {type(exc).__name__}: {exc}")
     finally:
-        progress.draw(time.perf_counter(), final=True)
         with contextlib.suppress(Exception):
             store.finish_run(status="failed" if status == "busy" else status,
-                             total=progress.done, ok=progress.ok,
-                             failed=progress.failed, cancelled=progress.cancelled,
-                             skipped=progress.already_done)
-    summarize(console, job, progress, strategy, status)
+                             total=tally.done, ok=tally.ok, failed=tally.failed,
+                             cancelled=tally.cancelled, skipped=tally.already_done)
+    summarize(console, job, tally, strategy, status)
     if status == "cancelled":
         return 130
     if status == "busy":
@@ -520,7 +749,7 @@ def forget(ledger: Ledger, store: PostgresStore, name: str) -> None:
         ledger.release(name)
 
 
-def summarize(console: Console, job: SyncJob, p: Progress, strategy: Any,
+def summarize(console: Console, job: SyncJob, p: Tally, strategy: Any,
               status: str) -> None:
     wall = time.perf_counter() - p.t0
     notes = []
@@ -561,6 +790,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--strategy", choices=STRATEGIES, default="continuous")
     ap.add_argument("--batch-size", type=_positive_int, default=50, metavar="N")
     ap.add_argument("--lanes", type=_positive_int, default=3, metavar="N")
+    ap.add_argument("--processes", type=_positive_int, default=1, metavar="N",
+                    help="run the stages' calls in N worker processes, each with its own "
+                         "clients and a share of every stage's slots (default: 1, threads in "
+                         "this process)")
     ap.add_argument("--resume", action="store_true",
                     help="go on from what the ledger recorded: skip contacts already done, "
                          "never analyse a contact twice")
@@ -571,7 +804,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "database, the default), a SQLite file, or none")
     ap.add_argument("--demo", action="store_true",
                     help="start fake servers and a throwaway PostgreSQL, then run against them")
-    ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    ap.add_argument("--quiet", action="store_true",
+                    help="no progress on stderr (the engine's: a bar on a terminal, a line "
+                         "now and then otherwise)")
     args = ap.parse_args(argv)
     if args.contacts_file is not None and not args.contacts_file.is_file():
         ap.error(f"--contacts-file: no such file: {args.contacts_file}")
@@ -649,16 +884,14 @@ def main(argv: list[str] | None = None, *, env: Mapping[str, str] = os.environ,
             return 2
         console = Console(config.secrets, out, err, args.quiet)
         try:
-            job = stack.enter_context(build_pipeline(config))
+            job = stack.enter_context(build_pipeline(config, processes=args.processes))
         except Exception as exc:  # unreachable database and the like: one clear line
             console.note(f"contact_sync.py: error: cannot start: {exc}")
             return 2
-        if args.contacts_file is not None:
-            contacts: Iterable[Any] = read_contacts(args.contacts_file)
-            total = None
-        else:
-            contacts = range(1, args.contacts + 1)
-            total = args.contacts
+        # a range: the engine knows the total (its progress shows "120/500")
+        contacts: Iterable[Any] = (read_contacts(args.contacts_file)
+                                   if args.contacts_file is not None
+                                   else range(1, args.contacts + 1))
         strategy = make_strategy(args.strategy, args.batch_size, args.lanes)
         try:
             ledger = open_ledger(args.ledger, config)
@@ -668,10 +901,16 @@ def main(argv: list[str] | None = None, *, env: Mapping[str, str] = os.environ,
         if ledger is not None:
             stack.callback(_close_ledger, ledger, console)
         return run_sync(job, contacts, strategy=strategy, resume=args.resume,
-                        console=console, total=total, ledger=ledger,
-                        retry_failed=args.retry_failed)
+                        console=console, ledger=ledger, retry_failed=args.retry_failed)
     return 2  # pragma: no cover -- ExitStack does not swallow; keeps type checkers content
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the job from the importable module when there is one (a checkout): with --processes
+    # the stages and their init are pickled by reference to their module, and a worker process
+    # can import ``examples.contact_sync`` but not a ``__main__`` that ``runpy`` or ``-c`` made.
+    try:
+        from examples.contact_sync import main as _main
+    except ImportError:  # the script copied out of the checkout: __main__ it is
+        _main = main
+    sys.exit(_main())
