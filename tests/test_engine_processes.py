@@ -248,7 +248,7 @@ def test_a_plain_exception_keeps_its_type_and_the_child_traceback() -> None:
 def test_remote_error_round_trips() -> None:
     import pickle
 
-    from engine._procs import _portable_error
+    from engine._procs_child import _portable_error
 
     exc = pickle.loads(pickle.dumps(_portable_error(NeedsKwargs("x", status=1))))
     assert isinstance(exc, RemoteError) and type(exc).__name__ == "NeedsKwargs"
