@@ -8,7 +8,8 @@
     python -m bench plot DIR
     python -m bench list
     python -m bench peers --scenario seed
-    python -m bench live-services [--items N] [--strategies A,B] [--time-scale X] [--out DIR]
+    python -m bench live-services [--items N] [--strategies A,B] [--time-scale X]
+                                  [--processes N] [--out DIR]
 
 Exit status: 0 on success, 1 when a run failed or a results file fails validation, 2 on a usage
 error or an invalid scenario file (one line naming the file and the field).
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--time-scale", type=_positive_float, metavar="X",
                     help="sleep the injected latency x X (default: the module's, see "
                          "bench/_live_services.py)")
+    ls.add_argument("--processes", type=_positive_int, default=1, metavar="N",
+                    help="run the job's stages in N worker processes, each with its own "
+                         "clients (default: 1, threads in the pipeline process)")
     ls.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="DIR",
                     help=f"results go to DIR/live-services/ (default: {DEFAULT_OUT})")
     ls.add_argument("--no-plots", action="store_true", help="skip the plots")
@@ -420,19 +424,21 @@ def cmd_live_services(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     spec = LiveServicesSpec(items=args.items or DEFAULT_ITEMS,
-                            time_scale=args.time_scale or DEFAULT_TIME_SCALE)
+                            time_scale=args.time_scale or DEFAULT_TIME_SCALE,
+                            processes=args.processes)
     names = args.strategies or ["continuous", "batched", "parallel-batches"]
     _prepare_out(args.out)
     outcomes, report = run_live_services(spec, strategies=names, out=args.out,
                                          progress=Progress(len(names)), plots=not args.no_plots)
     if report is not None:
         rows = live_rows(load_runs(report.parent))
-        print(f"\n{'strategy':<18}{'items/s':>9}{'makespan s':>12}{'efficiency':>12}"
-              f"{'vs batched':>12}{'vs par.-b.':>12}{'CPU s':>8}")
+        print(f"\n{'strategy':<18}{'procs':>6}{'items/s':>9}{'makespan s':>12}"
+              f"{'efficiency':>12}{'vs batched':>12}{'vs par.-b.':>12}{'CPU s':>8}")
         for r in rows:
             vb, vp = r["vs_batched"], r["vs_parallel_batches"]
             cpu = (r["cpu_s"] or {}).get("total")
-            print(f"{r['strategy']:<18}{r['throughput_per_s']:>9.2f}{r['makespan_s']:>12.1f}"
+            print(f"{r['strategy']:<18}{r['processes']:>6}{r['throughput_per_s']:>9.2f}"
+                  f"{r['makespan_s']:>12.1f}"
                   f"{r['efficiency']:>12.3f}{f'{vb:.2f}x' if vb else '-':>12}"
                   f"{f'{vp:.2f}x' if vp else '-':>12}"
                   f"{f'{cpu:.1f}' if cpu is not None else '-':>8}")

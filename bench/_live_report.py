@@ -1,9 +1,10 @@
 """``<out>/live-services/report.md`` and its plots, from the saved results files only.
 
-One row per strategy: throughput, makespan, efficiency, speedup over batched and over
-parallel-batches (ratios of throughput, i.e. ok items per second), time to visible, rows in
-PostgreSQL after the run, and the CPU the run used (user + sys seconds of the pipeline process,
-the two fake-server processes and the PostgreSQL process tree, during ``pipeline.run``). The
+One row per strategy: the job's worker processes (``--processes``), throughput, makespan,
+efficiency, speedup over batched and over parallel-batches (ratios of throughput, i.e. ok items
+per second), time to visible, rows in PostgreSQL after the run, and the CPU the run used (user
++ sys seconds of the pipeline process and its worker processes, the two fake-server processes
+and the PostgreSQL process tree, during ``pipeline.run``). The
 plots are bench's own (``bench._plots.plot_dir``): items visible over time, the ECDF of
 time-to-visible, throughput/p99 bars and the stage timeline of the first items.
 """
@@ -49,6 +50,7 @@ def live_rows(runs: Sequence[RunData]) -> list[dict[str, Any]]:
         cpu = _cpu(g)
         rows.append({
             "strategy": g.strategy, "params": g.params, "time_scale": g.time_scale,
+            "processes": int(m.get("processes") or 1),
             "items": m.get("items"), "ok": int(g.mean("ok")), "failed": int(g.mean("failed")),
             "makespan_s": g.mean("makespan_s"), "throughput_per_s": g.mean("throughput_per_s"),
             "lower_bound_s": g.mean("lower_bound_s"), "efficiency": g.mean("efficiency"),
@@ -105,10 +107,12 @@ def _lines(runs: Sequence[RunData], rows: Sequence[Mapping[str, Any]], drawn: Se
         "*vs batched* / *vs parallel-batches* = this strategy's throughput (ok contacts per "
         "second) / theirs; *efficiency* = lower bound / makespan (the lower bound is the "
         "busiest stage's measured work / its concurrency, or the longest single contact). "
-        "*CPU* = user + sys seconds during the run of the pipeline process, the two fake "
-        "servers and the PostgreSQL process tree; *share* = CPU / (real run time x CPUs).", "",
+        "*processes* = the job's worker processes (`--processes N`; 1: the stages on threads "
+        "in the pipeline process). *CPU* = user + sys seconds during the run of the pipeline "
+        "process (and its worker processes), the two fake servers and the PostgreSQL process "
+        "tree; *share* = CPU / (real run time x CPUs).", "",
     ]
-    header = ["strategy", "params", "items/s", "makespan s", "vs batched",
+    header = ["strategy", "params", "processes", "items/s", "makespan s", "vs batched",
               "vs parallel-batches", "efficiency", "lower bound s", "first vis. s",
               "p50 vis. s", "p99 vis. s", "ok/failed", "rows (contacts/analyses/assign.)",
               "PG connections opened",
@@ -118,7 +122,8 @@ def _lines(runs: Sequence[RunData], rows: Sequence[Mapping[str, Any]], drawn: Se
         cpu = r["cpu_s"] or {}
         rows_db = r["rows"] or {}
         table.append([
-            r["strategy"], r["params"], f"{r['throughput_per_s']:.2f}", f"{r['makespan_s']:.1f}",
+            r["strategy"], r["params"], str(r["processes"]), f"{r['throughput_per_s']:.2f}",
+            f"{r['makespan_s']:.1f}",
             _fmt_ratio(r["vs_batched"]), _fmt_ratio(r["vs_parallel_batches"]),
             f"{r['efficiency']:.3f}", f"{r['lower_bound_s']:.1f}", f"{r['first_visible_s']:.1f}",
             f"{r['visible_p50_s']:.1f}", f"{r['visible_p99_s']:.1f}",

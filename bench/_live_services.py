@@ -1,6 +1,7 @@
 """The ``live-services`` benchmark: the example sync job on real clients and a real database.
 
-    python -m bench live-services [--items N] [--strategies A,B] [--time-scale X] [--out DIR]
+    python -m bench live-services [--items N] [--strategies A,B] [--time-scale X]
+                                  [--processes N] [--out DIR]
 
 The four-stage pipeline of ``examples/contact_sync.py`` -- fetch over ``requests`` -> analyze
 over the ``openai`` client -> save and assign over ``psycopg2`` -- against the simulators' fake
@@ -19,8 +20,15 @@ two fake servers as *separate processes* (``python -m simulators.servers``: thei
 and they do not compete with the pipeline for its GIL) and a throwaway PostgreSQL cluster, runs
 the pipeline once, and writes ``<out>/live-services/<strategy>.json`` (DESIGN.md section 6,
 clock "live", times divided by ``time_scale``). The CPU of the run window -- user + sys of the
-pipeline process, of the two server processes and of the whole PostgreSQL process tree -- and
-the row counts in the database after the run go into the file's metadata (``cpu_s``, ``rows``).
+pipeline process (with its worker processes under ``--processes N``), of the two server
+processes and of the whole PostgreSQL process tree -- and the row counts in the database after
+the run go into the file's metadata (``cpu_s``, ``rows``).
+
+``--processes N`` runs the job's stages in N worker processes (``build_pipeline(...,
+processes=N)``: each builds its own clients, the scheduler stays in the pipeline process) and
+records ``processes`` in the metadata; the files keep their names, so a run with another N
+replaces them. The run's progress is the engine's own (``progress=True`` in the run's process:
+a tqdm bar on a terminal, a plain line now and then otherwise, on this command's stderr).
 
 Choosing ``time_scale`` (measured on this 2-core machine, continuous, 1,000 contacts): one
 contact costs ~9-10 ms of CPU across the pipeline process, the servers and PostgreSQL (~5.5 ms
@@ -52,7 +60,7 @@ from typing import IO, Any
 from bench._build import gc_paused
 from bench._harness import run_in_child
 from bench._metrics import validate
-from bench._progress import Progress
+from bench._progress import Progress, engine_progress
 from bench._results import REPO_ROOT, git_commit, read_doc, result_path, write_doc
 
 __all__ = [
@@ -92,6 +100,7 @@ class LiveServicesSpec:
     fetch_latency: Mapping[str, Any] = field(default_factory=lambda: slow_tail(0.3))
     analyze_latency: Mapping[str, Any] = field(default_factory=lambda: slow_tail(0.5))
     concurrency: Mapping[str, int] = field(default_factory=lambda: dict(CONCURRENCY))
+    processes: int = 1  #: worker processes of the job (1: threads in the pipeline process)
 
     @property
     def description(self) -> str:
@@ -100,13 +109,15 @@ class LiveServicesSpec:
                 f"openai ({self.concurrency['analyze']}, 500 ms) against the fake servers on "
                 f"loopback, 2% of each at 10x the median; save and assign "
                 f"({self.concurrency['save']}/{self.concurrency['assign']}) into a throwaway "
-                "PostgreSQL 15")
+                "PostgreSQL 15"
+                + (f"; the stages in {self.processes} worker processes" if self.processes > 1
+                   else ""))
 
     def to_dict(self) -> dict[str, Any]:
         return {"items": self.items, "time_scale": self.time_scale, "seed": self.seed,
                 "fetch_latency": dict(self.fetch_latency),
                 "analyze_latency": dict(self.analyze_latency),
-                "concurrency": dict(self.concurrency)}
+                "concurrency": dict(self.concurrency), "processes": self.processes}
 
 
 # --------------------------------------------------------------------------- CPU accounting
@@ -143,8 +154,13 @@ def _tree_cpu(root: int) -> float:
 
 
 def _self_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+    """user + sys seconds of this process and of its children reaped so far (during a run:
+    the job's worker processes, which the run joins before it returns)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        ru = resource.getrusage(who)
+        total += ru.ru_utime + ru.ru_stime
+    return total
 
 
 # --------------------------------------------------------------------------- the child
@@ -224,16 +240,18 @@ def _postmaster_pid(data_dir: Path) -> int:
 
 
 def _child(spec_doc: Mapping[str, Any], strategy: str, path: str, counter: Any) -> None:
-    """Runs in a spawned process: servers, PostgreSQL, one run of ``strategy``, its file."""
+    """Runs in a spawned process: servers, PostgreSQL, one run of ``strategy``, its file.
+    (``counter``, ``run_in_child``'s count of visible items, is not needed: the run draws the
+    engine's progress itself.)"""
     try:
-        doc = _run_one(spec_doc, strategy, counter)
+        doc = _run_one(spec_doc, strategy)
         write_doc(doc, Path(path))
     except BaseException:
         Path(path + ".error").write_text(traceback.format_exc(), encoding="utf-8")
         raise
 
 
-def _run_one(spec_doc: Mapping[str, Any], strategy: str, counter: Any) -> dict[str, Any]:
+def _run_one(spec_doc: Mapping[str, Any], strategy: str) -> dict[str, Any]:
     # Why bench imports `examples` here, and only here: the live-services benchmark *is* the
     # example sync job (its pipeline, adapters and throwaway PostgreSQL), and the bench package
     # must still import where `examples` is absent (it is not installed, only in the checkout).
@@ -256,18 +274,14 @@ def _run_one(spec_doc: Mapping[str, Any], strategy: str, counter: Any) -> dict[s
         cfg = SyncConfig(pg.dsn, msgs_url, llm_url + "/v1", "bench-not-a-secret",
                          "gpt-4o-mini")
         job = stack.enter_context(build_pipeline(cfg, concurrency=spec.concurrency,
-                                                 time_scale=ts))
+                                                 time_scale=ts, processes=spec.processes))
         pm = _postmaster_pid(pg.data_dir)
-
-        def on_result(_: object) -> None:
-            counter.value += 1
-
         sessions0 = _sessions(pg.dsn)
         load = os.getloadavg()[0]
         cpu0 = (_self_cpu(), _proc_cpu(msgs_pid) + _proc_cpu(llm_pid), _tree_cpu(pm))
         t0 = time.perf_counter()
         with gc_paused():  # see bench._build.gc_paused
-            report = job.pipeline.run(range(1, spec.items + 1), strat, on_result=on_result)
+            report = job.run(range(1, spec.items + 1), strat, progress=engine_progress())
         wall = time.perf_counter() - t0
         cpu1 = (_self_cpu(), _proc_cpu(msgs_pid) + _proc_cpu(llm_pid), _tree_cpu(pm))
         rows = _count_rows(pg.dsn)
@@ -277,19 +291,22 @@ def _run_one(spec_doc: Mapping[str, Any], strategy: str, counter: Any) -> dict[s
                                                    cpu1, strict=True)}
     cpu["total"] = round(sum(cpu.values()), 3)
     meta: dict[str, Any] = {
-        "scenario": NAME, "seed": spec.seed, "time_scale": ts, "git_commit": git_commit(),
+        "scenario": NAME, "seed": spec.seed, "time_scale": ts, "processes": spec.processes,
+        "git_commit": git_commit(),
         "description": spec.description, "source": "bench/_live_services.py",
         "wall_s": round(wall, 4), "load_avg_1m": round(load, 2),
         "services": {"fetch_latency": dict(spec.fetch_latency),
                      "analyze_latency": dict(spec.analyze_latency),
                      "servers": "python -m simulators.servers, one process each",
                      "database": "throwaway PostgreSQL 15 cluster"},
-        #: user + sys seconds during the run (pipeline.run), per process group
+        #: user + sys seconds during the run (pipeline.run), per process group; "pipeline"
+        #: includes the job's worker processes (--processes N)
         "cpu_s": cpu,
         "cpu_share_of_machine": round(cpu["total"] / (wall * (os.cpu_count() or 1)), 3)
         if wall > 0 else None,
         "rows": rows,
-        #: PostgreSQL connections the pipeline opened during the run (its pool's size: 21)
+        #: PostgreSQL connections the pipeline opened during the run (its pool's size: 21;
+        #: with N worker processes, each process's pool and the bookkeeping one)
         "pg_connections_opened": pg_connections,
     }
     return report.to_json(metadata=meta, time_scale=ts)
@@ -318,8 +335,9 @@ def run_live_services(spec: LiveServicesSpec, *, strategies: Sequence[str] | Non
     for name in names:
         path = result_path(out, NAME, name)
         path.unlink(missing_ok=True)
-        label = f"{NAME} live x{spec.time_scale:g} {name}"
-        progress.start(label, spec.items)
+        procs = f" processes={spec.processes}" if spec.processes > 1 else ""
+        label = f"{NAME} live x{spec.time_scale:g}{procs} {name}"
+        progress.start(label, spec.items, announce=True)
         t0 = time.perf_counter()
         try:
             run_in_child(_child, (spec.to_dict(), name, str(path)), name=f"bench {label}",

@@ -80,6 +80,31 @@ def test_report_and_plot_exist(live_out: LiveRun) -> None:
     json.loads((d / "continuous.json").read_text())  # plain JSON, no NaN
 
 
+@pytest.mark.timeout(300)
+def test_processes_2_runs_the_job_in_worker_processes(tmp_path: Path) -> None:
+    """``--processes 2``: the same job with its stages in two worker processes; the file keeps
+    the contract, records ``processes`` and the CPU of the workers (in "pipeline"); the
+    progress shown is the engine's (plain lines: stderr is not a terminal)."""
+    res = subprocess.run(
+        [sys.executable, "-m", "bench", "live-services", "--items", "40", "--time-scale", "0.2",
+         "--strategies", "continuous", "--processes", "2", "--no-plots", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stdout + res.stderr
+    f = tmp_path / "live-services" / "continuous.json"
+    doc = read_doc(f)
+    assert validate(doc) == []
+    m = doc["metadata"]
+    assert (m["processes"], m["items"], doc["summary"]["ok"]) == (2, 40, 40)
+    assert m["rows"] == {"contacts": 40, "analyses": 40, "pipeline_assignments": 40}
+    assert m["cpu_s"]["pipeline"] > 0
+    assert_checker_accepts(f)
+    assert "[1/1] live-services live x0.2 processes=2 continuous: 40 items" in res.stderr
+    assert "conveyor: 40/40 visible (ok 40, failed 0) in " in res.stderr  # the engine's line
+    assert "\r" not in res.stderr
+    assert "[1/1] live-services live x0.2 processes=2 continuous: makespan" in res.stdout
+    assert "| 2 |" in (tmp_path / "live-services" / "report.md").read_text()
+
+
 @pytest.mark.timeout(60)
 def test_bench_imports_without_examples() -> None:
     code = ("import sys; sys.modules['examples'] = None; "
