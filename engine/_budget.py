@@ -229,7 +229,10 @@ class Budget:
         such a call is neither starved forever nor spending faster than the rate in the long
         run.
         """
-        need = self._needs("Budget.reserve: cost", cost)
+        return self._take(self._needs("Budget.reserve: cost", cost), now)
+
+    def _take(self, need: Mapping[str, float], now: float) -> float:
+        # reserve() of a cost _needs() validated (the scheduler validates a call's once)
         with self._lock:
             self._refill(now)
             if now < self._last:
@@ -271,9 +274,24 @@ class Budget:
         this ledger does.
         """
         est = self._needs("Budget.settle: estimate", estimate)
+        self._adjust(est, self._actual(est, actual), now)
+
+    def _actual(self, est: Mapping[str, float], actual: Mapping[str, object]
+                ) -> dict[str, float]:
+        # settle()'s actual cost: validated, a dimension it does not give keeps its estimate
         _check_cost("Budget.settle: actual", actual)
-        act = self._needs("Budget.settle: actual", {k: actual.get(k, est.get(k, 0.0))
-                                                    for k in self._rate})
+        return self._needs("Budget.settle: actual", {k: actual.get(k, est.get(k, 0.0))
+                                                     for k in self._rate})
+
+    def _used_tokens(self, est: Mapping[str, float], tokens: float) -> dict[str, float]:
+        # _actual() of {"tokens": n} read from a response's usage (a number >= 0 already)
+        act = {k: est.get(k, 0.0) for k in self._rate}
+        if "tokens" in act:
+            act["tokens"] = tokens
+        return act
+
+    def _adjust(self, est: Mapping[str, float], act: Mapping[str, float], now: float) -> None:
+        # settle() of costs _needs() validated
         with self._lock:
             self._refill(now)
             tokens, burst = self._tokens, self._burst

@@ -41,7 +41,7 @@ class _Call:
     """One call of one item at one stage: what a backend runs and reports back."""
 
     __slots__ = ("attempt", "charged", "done", "estimate", "event", "hedge", "item", "lost",
-                 "name", "queued_at", "stage", "started_at", "twin")
+                 "name", "need", "queued_at", "stage", "started_at", "twin")
 
     def __init__(self, item: _Item, stage: int, name: str, attempt: int, hedge: bool,
                  queued_at: float) -> None:
@@ -53,7 +53,8 @@ class _Call:
         self.queued_at = queued_at
         self.lost = False  # its twin won: its result will be discarded
         self.charged: dict[str, float] | None = None  # current_call().charge(...)
-        self.estimate: Mapping[str, float] | None = None  # what its budget reserved
+        self.estimate: Mapping[str, float] | None = None  # its cost(value), as given
+        self.need: Mapping[str, float] | None = None  # what its budget reserved (validated)
         self.started_at = 0.0  # when the scheduler handed it to the backend
         self.done = False  # reported back
         self.twin: _Call | None = None  # its hedge, or the attempt it hedges

@@ -10,6 +10,7 @@ the scheduler asks them, so the scheduler itself reads as the state machine it i
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Mapping
 from typing import Any
@@ -38,7 +39,7 @@ def usage_tokens(result: Any) -> float | None:
             usage, "total_tokens", None)
     except Exception:
         return None
-    if isinstance(n, bool) or not isinstance(n, int | float) or not n >= 0:
+    if isinstance(n, bool) or not isinstance(n, int | float) or not 0 <= n < math.inf:
         return None
     return float(n)
 
@@ -137,9 +138,11 @@ class StageState:
                 return wait
         budget = self.budget
         if budget is not None:
-            if call.estimate is None:
+            need = call.need
+            if need is None:  # estimated and validated once per call, however long it waits
                 call.estimate = self.estimate(call)
-            wait = budget.reserve(call.estimate, budget_now)
+                need = call.need = budget._needs("Budget.reserve: cost", call.estimate)
+            wait = budget._take(need, budget_now)
             if wait > 0.0:
                 if bucket is not None:
                     bucket.give_back()
@@ -169,6 +172,7 @@ class StageState:
         """The call's actual cost (recorded on its Attempt) and, at a budgeted stage, the
         budget settled with it; an error carrying ``retry_after`` pauses the budget."""
         actual: dict[str, float] | None = None
+        tokens = None
         if call.charged:
             actual = dict(call.charged)
         elif ok:
@@ -178,8 +182,11 @@ class StageState:
         elif overloaded and call.estimate:
             actual = {k: 0.0 for k in call.estimate if k != "requests"}  # refused: not spent
         budget = self.budget
-        if budget is not None and call.estimate is not None:
-            budget.settle(call.estimate, actual or {}, budget_now)
+        if budget is not None and call.need is not None:
+            if actual:  # else it cost its estimate: nothing to settle
+                act = (budget._used_tokens(call.need, tokens) if tokens is not None
+                       else budget._actual(call.need, actual))
+                budget._adjust(call.need, act, budget_now)
             if not ok:
                 self._maybe_pause(budget, result, budget_now)
         if actual is None and call.estimate is None:
