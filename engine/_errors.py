@@ -32,18 +32,58 @@ class StageInitError(RuntimeError):
 
 
 class RemoteError(Exception):
-    """An exception raised in a worker process that does not survive pickling (e.g. its
-    ``__init__`` takes two arguments), carried back as its module-qualified type, message and
-    formatted traceback instead of breaking the pool. The item's error names the original
-    type (``ErrorInfo.type`` / ``exc_type``)."""
+    """Stands in for an exception raised in a worker process (``processes=N``, a process
+    pool, a Dask worker) that does not survive pickling (or unpickling): a subclass of the
+    same type name, with its message, ``retry_after`` hint and the worker's traceback as
+    ``remote_traceback`` (and in its ``__cause__``), instead of breaking the pool. The item's
+    error names the original type (``ErrorInfo.type`` / ``exc_type``)."""
 
-    def __init__(self, qualified_type: str, message: str, traceback: str) -> None:
-        super().__init__(message)
-        self.qualified_type = qualified_type
-        self.remote_traceback = traceback
+    remote_type = ""
+    remote_traceback = ""
+    retry_after: float | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (RemoteError, (self.qualified_type, str(self), self.remote_traceback))
+        cls = type(self)
+        return (_rebuild_remote, (cls.__name__, cls.__module__, cls.__qualname__,
+                                  safe_str(self), self.remote_traceback, self.retry_after))
+
+
+_remote_types: dict[tuple[str, str, str], type[RemoteError]] = {}
+
+
+def _rebuild_remote(name: str, module: str, qualname: str, message: str, tb: str,
+                    retry_after: float | None) -> RemoteError:
+    key = (name, module, qualname)
+    cls = _remote_types.get(key)
+    if cls is None:
+        cls = _remote_types[key] = type(name, (RemoteError,), {
+            "__module__": module, "__qualname__": qualname, "remote_type": f"{module}.{qualname}"})
+    exc = cls(message)
+    exc.remote_traceback = tb
+    exc.retry_after = retry_after
+    if tb:
+        exc.__cause__ = _RemoteTraceback(tb)
+    return exc
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of the call in the child, as text (what concurrent.futures does)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def remote_error(exc: BaseException) -> RemoteError:
+    """A :class:`RemoteError` standing for ``exc`` (its type name, message, hint, traceback):
+    what a worker raises or sends instead of an exception that does not pickle."""
+    name, message, qualified, tb = describe(exc)
+    module, _, qual = qualified.rpartition(".")
+    return _rebuild_remote(name, module or "builtins", qual or name, message, tb,
+                           retry_after_of(exc))
 
 
 class WorkerLost(RuntimeError):
@@ -85,8 +125,8 @@ def describe(exc: BaseException) -> tuple[str, str, str, str]:
     """(type name, message, module-qualified type, traceback) of ``exc``; never raises. A
     :class:`RemoteError` describes the exception it stands for."""
     if isinstance(exc, RemoteError):
-        q = exc.qualified_type
-        return (q.rpartition(".")[2], safe_str(exc), q, exc.remote_traceback)
+        return (type(exc).__name__, safe_str(exc), exc.remote_type or qualified_type(exc),
+                exc.remote_traceback)
     return (type(exc).__name__, safe_str(exc), qualified_type(exc), format_traceback(exc))
 
 

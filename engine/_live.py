@@ -32,7 +32,7 @@ from ._cancel import CancelToken
 from ._context import _local
 from ._core import Backend, _Call
 from ._dask import is_worker_lost
-from ._errors import RemoteError, StageInitError, WorkerLost, describe
+from ._errors import StageInitError, WorkerLost, remote_error
 from ._stage import Stage, _is_async
 
 if TYPE_CHECKING:
@@ -104,8 +104,7 @@ def _timed(fn: Callable[[Any], Any], value: Any) -> _Timed:
         try:
             pickle.loads(pickle.dumps(exc))
         except Exception:
-            _, message, qualified, tb = describe(exc)
-            raise RemoteError(qualified, message, tb) from None
+            raise remote_error(exc) from None
         raise
     return _Timed(t0, time.perf_counter(), result)
 

@@ -42,9 +42,9 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ._context import _local
-from ._errors import StageInitError, describe, retry_after_of, safe_str
+from ._errors import RemoteError, StageInitError, _RemoteTraceback, describe, remote_error, safe_str
 
-__all__ = ["RemoteError"]
+__all__ = ["RemoteError"]  # re-exported: engine._errors.RemoteError
 
 _HEAD = struct.Struct("<Iq")  # payload length, call id
 _HEAD_SIZE = _HEAD.size
@@ -77,50 +77,6 @@ def _frames(data: bytes) -> list[tuple[int, memoryview]]:
 
 # -- errors that cross the process boundary ---------------------------------------------------
 
-class RemoteError(Exception):
-    """Stands in for an exception raised in a worker process that does not survive pickling
-    (or unpickling): same type name, message, ``retry_after`` hint, and the child's traceback
-    as ``remote_traceback`` (and in its ``__cause__``)."""
-
-    remote_type = ""
-    remote_traceback = ""
-    retry_after: float | None = None
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        cls = type(self)
-        return (_rebuild_remote, (cls.__name__, cls.__module__, cls.__qualname__,
-                                  safe_str(self), self.remote_traceback, self.retry_after))
-
-
-_remote_types: dict[tuple[str, str, str], type[RemoteError]] = {}
-
-
-def _rebuild_remote(name: str, module: str, qualname: str, message: str, tb: str,
-                    retry_after: float | None) -> RemoteError:
-    key = (name, module, qualname)
-    cls = _remote_types.get(key)
-    if cls is None:
-        cls = _remote_types[key] = type(name, (RemoteError,), {
-            "__module__": module, "__qualname__": qualname, "remote_type": f"{module}.{qualname}"})
-    exc = cls(message)
-    exc.remote_traceback = tb
-    exc.retry_after = retry_after
-    if tb:
-        exc.__cause__ = _RemoteTraceback(tb)
-    return exc
-
-
-class _RemoteTraceback(Exception):
-    """The traceback of the call in the child, as text (what concurrent.futures does)."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
-
-
 def _with_traceback(exc: BaseException, tb: str) -> BaseException:
     exc.__cause__ = _RemoteTraceback(tb)
     return exc
@@ -138,15 +94,12 @@ class _Traced:
 
 def _portable_error(exc: BaseException) -> Any:
     """``exc`` in a form that pickles here and unpickles in the parent."""
-    name, message, qualified, tb = describe(exc)
     try:
         if type(_loads(_dumps(exc, _PROTOCOL))) is type(exc):
-            return _Traced(exc, tb)
+            return _Traced(exc, describe(exc)[3])
     except Exception:
         pass
-    module, _, qual = qualified.rpartition(".")
-    return _rebuild_remote(name, module or "builtins", qual or name, message, tb,
-                           retry_after_of(exc))
+    return remote_error(exc)
 
 
 # -- the child ---------------------------------------------------------------------------------
