@@ -27,12 +27,11 @@ from ._records import (
     RunReport,
     StageSpan,
     StageStats,
-    percentile,
-    summarize,
 )
 from ._retry import RetryPolicy
 from ._stage import Stage
 from ._strategies import AUTO, Batched, Continuous, ParallelBatches, Strategy, strategy_from_name
+from ._summary import percentile, summarize
 from ._virtual import SimulationError
 
 __all__ = [
