@@ -1,0 +1,80 @@
+"""A stage on an executor: the worker loop of each slot relays its call to a process pool
+(``executor="process"``) or a caller's ``concurrent.futures.Executor`` (e.g. Dask's
+``client.get_executor(pure=False)``) and waits for it, so the stage's limit stays global and
+the dispatcher central. A process pool that breaks (a worker died) is replaced and the calls
+it lost fail with the retryable ``WorkerLost``; an exception that does not pickle comes back
+as a ``RemoteError`` naming its type."""
+from __future__ import annotations
+
+import concurrent.futures
+import pickle
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from ._dask import is_worker_lost
+from ._errors import WorkerLost, remote_error
+
+__all__ = ["_Relay", "_Timed"]
+
+
+class _Timed(NamedTuple):
+    """A relayed call's own start and end, measured where it ran (same host clock)."""
+
+    start: float
+    end: float
+    value: Any
+
+
+def _timed(fn: Callable[[Any], Any], value: Any) -> _Timed:
+    t0 = time.perf_counter()
+    try:
+        result = fn(value)
+    except Exception as exc:  # runs in the worker: make sure the parent can read it
+        try:
+            pickle.loads(pickle.dumps(exc))
+        except Exception:
+            raise remote_error(exc) from None
+        raise
+    return _Timed(t0, time.perf_counter(), result)
+
+
+class _Relay:
+    """A stage's calls sent to an executor. A process pool that breaks (a worker died) is
+    replaced, and the calls it lost fail with the retryable ``WorkerLost``."""
+
+    def __init__(self, executor: concurrent.futures.Executor, fn: Callable[[Any], Any],
+                 make: Callable[[], concurrent.futures.Executor] | None) -> None:
+        self.executor = executor
+        self.fn = fn
+        self._make = make  # how to replace a broken pool we own (None: the caller's)
+        self._lock = threading.Lock()
+        # only executors on this host share our monotonic clock
+        self._timed = isinstance(executor, concurrent.futures.ThreadPoolExecutor
+                                 | concurrent.futures.ProcessPoolExecutor)
+
+    def __call__(self, value: Any) -> Any:
+        ex = self.executor
+        try:
+            if self._timed:
+                return ex.submit(_timed, self.fn, value).result()
+            return ex.submit(self.fn, value).result()
+        except concurrent.futures.BrokenExecutor as exc:
+            self._replace(ex)
+            raise WorkerLost(f"the worker running this call died ({type(exc).__name__})") from exc
+        except Exception as exc:
+            if is_worker_lost(exc):  # a Dask worker killed mid-call
+                raise WorkerLost(f"the Dask worker running this call died "
+                                 f"({type(exc).__name__})") from exc
+            raise
+
+    def _replace(self, broken: concurrent.futures.Executor) -> None:
+        with self._lock:
+            if self.executor is broken and self._make is not None:
+                broken.shutdown(wait=False, cancel_futures=True)
+                self.executor = self._make()
+
+    def shutdown(self) -> None:
+        if self._make is not None:
+            self.executor.shutdown(wait=True)
