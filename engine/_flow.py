@@ -1,9 +1,11 @@
 """The scheduler's flow-control and durability steps: gates (rate limits, budgets), hedges,
-checkpoints and restores. ``Scheduler`` (``engine._scheduler``) subclasses ``FlowSteps``; the
-split is only for reading: one state machine, two files.
+retries, checkpoints and restores, and closing an item's span when it leaves a stage.
+``Scheduler`` (``engine._scheduler``) subclasses ``FlowSteps``; the split is only for reading:
+one state machine, two files.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -12,11 +14,18 @@ from typing import Any
 from ._cancel import CancelToken
 from ._core import Admission, Backend, Policy, _Call, _Item
 from ._durable import Durable
+from ._errors import WorkerLost
 from ._feed import Feed
-from ._records import ErrorInfo, ItemResult, StageStats
+from ._records import Attempt, ErrorInfo, ItemResult, StageSpan, StageStats
+from ._retry import RetryPolicy, unit_random
 from ._stagestate import StageState
 
 __all__ = ["FlowSteps"]
+
+log = logging.getLogger("engine")
+
+# A call lost with its worker process is retried even on a stage without a RetryPolicy.
+_LOST_RETRY = RetryPolicy(attempts=3, backoff=0.0, max_backoff=0.0, retry_on=(WorkerLost,))
 
 
 class _HedgeDue:
@@ -240,3 +249,46 @@ class FlowSteps(Admission):
             for st in self.stages
         )
 
+    def _should_retry(self, st: StageState, error: BaseException, attempt: int) -> bool:
+        if isinstance(error, WorkerLost) and _LOST_RETRY.should_retry(error, attempt):
+            return True
+        return st.retry is not None and st.retry.should_retry(error, attempt)
+
+    def _retry(self, st: StageState, item: _Item, error: BaseException) -> None:
+        policy = st.retry if st.retry is not None else _LOST_RETRY
+        delay = policy.delay(error, item.attempt, unit_random(item.index, st.index, item.attempt))
+        if isinstance(error, WorkerLost):
+            log.warning("stage %r: item %d attempt %d lost its worker (%s)", st.name, item.index,
+                        item.attempt, type(error).__name__)
+        else:
+            log.debug("stage %r: item %d attempt %d raised %s; retrying in %.3g s", st.name,
+                      item.index, item.attempt, type(error).__name__, delay)
+        item.attempt += 1
+        st.retries += 1
+        self.backend.call_later(delay, item)  # then ahead of the first attempts waiting
+
+    def _close_span(self, item: _Item, winner: Attempt | None = None) -> None:
+        """The item leaves its stage: its calls become the stage's span, in order of start
+        with the winning call last (a stage's end is its last call not lost)."""
+        calls = item.calls
+        if not calls:
+            return
+        if len(calls) == 1:  # the common case
+            a = calls[0]
+            item.spans.append(StageSpan(self.names[item.stage], a.start, a.end, (a,)))
+            item.calls = []
+            item.won = False
+            return
+        if len(calls) > 1:
+            calls.sort(key=lambda a: a.start)
+            if winner is not None and calls[-1] is not winner:
+                calls.remove(winner)
+                calls.append(winner)
+        end = calls[-1].end
+        if winner is None:
+            kept = [a for a in calls if not a.lost]
+            end = kept[-1].end if kept else end
+        item.spans.append(StageSpan(self.names[item.stage], min(a.start for a in calls), end,
+                                    tuple(calls)))
+        item.calls = []
+        item.won = False
