@@ -187,8 +187,9 @@ def gc_paused(pause: bool = True) -> Iterator[None]:
 
 def run_once(sc: Scenario, strategy: str, *, clock: Clock, time_scale: float | None = None,
              repeat: int | None = None, on_result: Callable[[ItemResult], Any] | None = None,
-             extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Run one strategy of the scenario and return its results document (DESIGN.md section 6)."""
+             extra: Mapping[str, Any] | None = None, progress: Any = False) -> dict[str, Any]:
+    """Run one strategy of the scenario and return its results document (DESIGN.md section 6);
+    ``progress`` is the engine's (``pipeline.run(progress=...)``)."""
     spec = sc.strategy(strategy)
     ts = (time_scale or sc.time_scale) if clock == "live" else 1.0
     pipeline, services = build_pipeline(sc, clock=clock, time_scale=ts)
@@ -200,7 +201,8 @@ def run_once(sc: Scenario, strategy: str, *, clock: Clock, time_scale: float | N
     t0 = time.perf_counter()
     try:
         with gc_paused(clock == "live"):
-            report = pipeline.run(range(sc.items), strat, on_result=on_result, clock=clock)
+            report = pipeline.run(range(sc.items), strat, on_result=on_result, clock=clock,
+                                  progress=progress)
     finally:
         for svc in services:
             close = getattr(svc, "close", None)

@@ -90,8 +90,9 @@ def _live_child(raw: Mapping[str, Any], source: str, strategy: str, time_scale: 
         def on_result(_: object) -> None:
             counter.value += 1
 
+        # the engine's progress, drawn on this process's stderr (the parent's: inherited)
         doc = run_once(sc, strategy, clock="live", time_scale=time_scale, repeat=repeat,
-                       on_result=on_result, extra=extra)
+                       on_result=on_result, extra=extra, progress=True)
         write_doc(doc, Path(path))
     except BaseException:
         Path(path + ".error").write_text(traceback.format_exc(), encoding="utf-8")
@@ -161,7 +162,7 @@ def execute(jobs: Sequence[Job], progress: Progress | None = None) -> list[Outco
         if key not in cleaned:
             _remove_stale(job)
             cleaned.add(key)
-        progress.start(job.label, job.scenario.items)
+        progress.start(job.label, job.scenario.items, announce=job.clock == "live")
         t0 = time.perf_counter()
         try:
             if job.clock == "live":

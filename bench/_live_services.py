@@ -60,7 +60,7 @@ from typing import IO, Any
 from bench._build import gc_paused
 from bench._harness import run_in_child
 from bench._metrics import validate
-from bench._progress import Progress, engine_progress
+from bench._progress import Progress
 from bench._results import REPO_ROOT, git_commit, read_doc, result_path, write_doc
 
 __all__ = [
@@ -281,7 +281,7 @@ def _run_one(spec_doc: Mapping[str, Any], strategy: str) -> dict[str, Any]:
         cpu0 = (_self_cpu(), _proc_cpu(msgs_pid) + _proc_cpu(llm_pid), _tree_cpu(pm))
         t0 = time.perf_counter()
         with gc_paused():  # see bench._build.gc_paused
-            report = job.run(range(1, spec.items + 1), strat, progress=engine_progress())
+            report = job.run(range(1, spec.items + 1), strat, progress=True)
         wall = time.perf_counter() - t0
         cpu1 = (_self_cpu(), _proc_cpu(msgs_pid) + _proc_cpu(llm_pid), _tree_cpu(pm))
         rows = _count_rows(pg.dsn)

@@ -1,6 +1,6 @@
 """Progress for the CLI: the engine's own display, and one line per finished job.
 
-A run's progress is the engine's (``pipeline.run(..., progress=engine_progress())``, DESIGN.md
+A run's progress is the engine's (``pipeline.run(..., progress=True)``, DESIGN.md
 section 13): a tqdm bar on a terminal, a plain line now and then otherwise, drawn by the process
 that runs the pipeline -- for a live run its own spawned process, which writes to this one's
 stderr. :class:`Progress` only says which job starts (for a run that draws its own progress)
@@ -8,46 +8,10 @@ and prints one line per finished job to stdout in every mode, so logs and CI kee
 """
 from __future__ import annotations
 
-import importlib.util
 import sys
-import time
-from collections.abc import Callable
-from typing import Any, TextIO
+from typing import TextIO
 
-__all__ = ["Progress", "ProgressLines", "engine_progress"]
-
-
-def engine_progress(stream: TextIO | None = None) -> Any:
-    """The ``progress=`` of a run in this process: ``True`` (the engine's display on stderr),
-    or, on a terminal without tqdm (``pip install 'conveyor[progress]'``), the engine's plain
-    lines (:class:`ProgressLines`) instead of an ImportError."""
-    err = stream if stream is not None else sys.stderr
-    if _isatty(err) and importlib.util.find_spec("tqdm") is None:
-        return ProgressLines(lambda line: print(line, file=err, flush=True))
-    return True
-
-
-def _isatty(stream: TextIO) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-class ProgressLines:
-    """A ``progress=`` callable: the engine's plain line (``engine.Progress.line()``) to
-    ``write`` every ``every`` seconds and once at the end (the engine calls it ~10 times a
-    second)."""
-
-    def __init__(self, write: Callable[[str], Any], every: float = 5.0) -> None:
-        self.write, self.every = write, every
-        self._next = time.monotonic() + every
-
-    def __call__(self, p: Any) -> None:
-        now = time.monotonic()
-        if p.final or now >= self._next:
-            self._next = now + self.every
-            self.write(p.line())
+__all__ = ["Progress"]
 
 
 class Progress:

@@ -73,11 +73,13 @@ def observers(progress: Any = False, stages: Sequence[str] = (), total: int | No
     """The observers of one run.
 
     ``progress``: ``False``/``None`` (none); ``True`` (a tqdm bar on stderr when it is a
-    terminal, an ImportError naming ``conveyor[progress]`` if tqdm is missing; otherwise a
-    plain line to stderr every few seconds and every 10% of ``total``); a tqdm-like bar of the
-    caller's (anything with ``update`` and ``set_postfix_str``: counts go to it, it is not
-    closed); or a callable, called with a :class:`Progress` snapshot ~10 times a second and
-    once at the end (``final=True``).
+    terminal -- plain lines there, with a warning naming ``conveyor[progress]``, if tqdm is
+    missing; otherwise a plain line to stderr every few seconds and every 10% of ``total``);
+    a text stream (the same, drawn on it: ``progress=sys.stdout``); ``"bar"`` (the tqdm bar,
+    an ImportError naming the extra if tqdm is missing); ``"lines"`` (plain lines, even on a
+    terminal); a tqdm-like bar of the caller's (anything with ``update`` and
+    ``set_postfix_str``: counts go to it, it is not closed); or a callable, called with a
+    :class:`Progress` snapshot ~10 times a second and once at the end (``final=True``).
 
     ``observe``: more observers, e.g. ``[engine.otel()]``. An entry with an ``observer()``
     method (such as :class:`Otel`) is a factory: it is asked for a fresh observer for this run,

@@ -130,7 +130,9 @@ class Pipeline:
         ``processes=N`` runs every stage's calls in ``N`` worker processes (threads in each;
         the scheduler stays here, so limits and strategies are global). ``progress=True``
         draws a progress bar (tqdm) on stderr (a plain line now and then when stderr is not a
-        terminal); ``observe=[engine.otel()]`` traces each item and call with OpenTelemetry.
+        terminal); ``progress=`` also takes a stream to draw on, ``"bar"``, ``"lines"``, a
+        tqdm bar of yours or a callable (``engine._observe.observers``).
+        ``observe=[engine.otel()]`` traces each item and call with OpenTelemetry.
         ``ledger=`` records checkpointed stages' outputs
         and how each item ended, and a later run over the same ledger restores them instead
         of calling again; ``retry_failed=True`` replays the ledger's failed items.

@@ -9,6 +9,8 @@ seconds, reads the scheduler (calls running and items queued per stage) and draw
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["Progress", "ProgressObserver", "StageProgress"]
 
 PROGRESS_EXTRA = "pip install 'conveyor[progress]'"
+log = logging.getLogger("engine")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,25 +122,31 @@ class ProgressObserver:
         self.bar: Any = None
         self.callback: Callable[[Progress], Any] | None = None
         self.mode: str
-        if progress is True:
+        named = progress if isinstance(progress, str) else None  # "bar" / "lines"
+        if progress is True or named in ("bar", "lines") or _is_stream(progress):
+            if _is_stream(progress):
+                self.stream = stream = progress
             out = stream if stream is not None else sys.stderr
             is_tty = _isatty(out) if tty is None else tty
-            if is_tty:
-                _tqdm_class()  # fail now, before the run starts
+            if named == "lines" or not is_tty:
+                self.mode = "lines"
+            elif named == "bar" or _has_tqdm():
+                _tqdm_class()  # "bar" without tqdm: fail now, before the run starts
                 self.mode = "bar"
                 self._own_bar = True
-            else:
+            else:  # a terminal without tqdm: plain lines, and say how to get the bar
+                log.warning("progress: plain lines (no tqdm for a bar: %s)", PROGRESS_EXTRA)
                 self.mode = "lines"
         elif callable(getattr(progress, "update", None)) and \
                 callable(getattr(progress, "set_postfix_str", None)):
             self.mode = "bar"
             self.bar = progress
-        elif callable(progress):
+        elif callable(progress) and not isinstance(progress, str):
             self.mode = "callback"
             self.callback = progress
         else:
-            raise TypeError(f"progress: expected True, False, a tqdm bar or a callable "
-                            f"taking a Progress, got {progress!r}")
+            raise TypeError(f"progress: expected True, 'bar', 'lines', a text stream, a tqdm "
+                            f"bar or a callable taking a Progress, got {progress!r}")
 
     # -- the observer --------------------------------------------------------------------------
     def start(self, info: RunInfo | None = None) -> None:
@@ -181,6 +190,10 @@ class ProgressObserver:
             self.bar = None
 
     # -- drawing ---------------------------------------------------------------------------------
+    def _complete(self) -> bool:
+        """Every item is visible: the next line is the final one (close() draws it)."""
+        return self.total is not None and self.visible >= self.total
+
     def snapshot(self, final: bool = False) -> Progress:
         stages: tuple[StageProgress, ...] = ()
         sched = self._sched
@@ -214,8 +227,8 @@ class ProgressObserver:
                     bar.update(delta)  # redraws when tqdm's own mininterval allows
                 if final or not delta:  # the last draw; or only the postfix (in flight) moved
                     bar.refresh()
-            elif final or now >= self._next_line or (self._mark and
-                                                     self.visible >= self._next_mark):
+            elif final or (not self._complete() and (
+                    now >= self._next_line or (self._mark and self.visible >= self._next_mark))):
                 self._next_line = now + self.line_every
                 while self._mark and self._next_mark <= self.visible:
                     self._next_mark += self._mark
@@ -231,6 +244,17 @@ def _isatty(stream: Any) -> bool:
         return bool(stream.isatty())
     except Exception:
         return False
+
+
+def _is_stream(obj: Any) -> bool:
+    """A text stream to draw on (``sys.stdout``, a file): ``write`` and no bar's ``update``."""
+    return (not isinstance(obj, str | bool) and callable(getattr(obj, "write", None))
+            and not callable(getattr(obj, "update", None)))
+
+
+def _has_tqdm() -> bool:
+    return importlib.util.find_spec("tqdm") is not None if "tqdm" not in sys.modules \
+        else sys.modules["tqdm"] is not None
 
 
 def _tqdm_class() -> Any:

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import sys
@@ -90,7 +89,6 @@ from engine import (
     LedgerBusy,
     LedgerError,
     Pipeline,
-    Progress,
     RetryPolicy,
     RunReport,
     SqliteLedger,
@@ -560,42 +558,11 @@ class Console:
 
 
 def engine_progress(console: Console) -> Any:
-    """What the job passes as the engine's ``progress=``.
-
-    ``--quiet``: nothing. When the console writes to this process's stderr: ``True``, the
-    engine's own display there (a tqdm bar on a terminal, a plain line now and then
-    otherwise). When it writes elsewhere (a caller's stream: the tests, a job embedding
-    ``main``), or on a terminal without tqdm installed (``pip install 'conveyor[progress]'``):
-    the engine's plain progress lines, through the console (``ProgressLines``). The engine's
-    display shows stage names and counts only, never a value or a secret."""
-    if console.quiet:
-        return False
-    err = console.err
-    if err is sys.stderr and (not _isatty(err) or importlib.util.find_spec("tqdm") is not None):
-        return True
-    return ProgressLines(console.note)
-
-
-def _isatty(stream: IO[str]) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-class ProgressLines:
-    """A ``progress=`` callable: the engine's plain line (``Progress.line()``) to ``write``
-    every ``every`` seconds and once at the end (the engine calls it ~10 times a second)."""
-
-    def __init__(self, write: Callable[[str], Any], every: float = 5.0) -> None:
-        self.write, self.every = write, every
-        self._next = time.monotonic() + every
-
-    def __call__(self, p: Progress) -> None:
-        now = time.monotonic()
-        if p.final or now >= self._next:
-            self._next = now + self.every
-            self.write(p.line())
+    """What the job passes as the engine's ``progress=``: nothing with ``--quiet``, else the
+    console's stderr, where the engine draws its own display (a tqdm bar on a terminal, a
+    plain line now and then otherwise). It shows stage names and counts only, never a value
+    or a secret."""
+    return False if console.quiet else console.err
 
 
 class Tally:

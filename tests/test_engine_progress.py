@@ -3,6 +3,7 @@ callable; and the ``engine`` logger's capture for tests. The run loop is driven 
 lead's wiring will drive it (``run_observed``): update after every dispatcher step."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 import subprocess
@@ -149,9 +150,28 @@ def test_tqdm_bar_on_a_terminal() -> None:
 def test_missing_tqdm_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tqdm", None)
     with pytest.raises(ImportError, match=r"conveyor\[progress\]"):
-        observers(True, ["a"], 10, stream=Tty())
+        observers("bar", ["a"], 10, stream=Tty())  # the bar, asked for by name
+    # True on a terminal without tqdm: plain lines, and a warning naming the extra
+    with capture_logs() as logs:
+        [o] = observers(True, ["a"], 10, stream=Tty())
+    assert o.mode == "lines"  # type: ignore[attr-defined]
+    assert any("conveyor[progress]" in r.getMessage() for r in logs.records)
     # off a terminal the plain line needs no tqdm
     assert observers(True, ["a"], 10, stream=io.StringIO())[0].mode == "lines"  # type: ignore
+
+
+def test_progress_on_a_stream_of_yours_and_lines_by_name() -> None:
+    out = io.StringIO()
+    report = Pipeline([Stage("a", slow, concurrency=2)]).run(range(20), progress=out)
+    assert report.ok == 20
+    lines = out.getvalue().splitlines()
+    assert lines[-1].startswith("conveyor: 20/20 visible (ok 20, failed 0)")
+    assert len([ln for ln in lines if "20/20" in ln]) == 1  # the end is drawn once
+    assert observers("lines", ["a"], 10, stream=Tty())[0].mode == "lines"  # type: ignore
+    if importlib.util.find_spec("tqdm") is not None:
+        assert observers(Tty(), ["a"], 10)[0].mode == "bar"  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="progress"):
+        observers("fancy", ["a"], 10)
 
 
 @pytest.mark.timeout(30)

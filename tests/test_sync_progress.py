@@ -1,6 +1,5 @@
-"""The example job's progress is the engine's (``progress=``): a tqdm bar on a terminal, its plain
-lines otherwise, through the job's redacting console when the job writes to a stream of the
-caller's; ``--quiet`` shows none; the summary is unchanged."""
+"""The example job's progress is the engine's (``progress=`` the console's stderr): a tqdm bar on
+a terminal, its plain lines otherwise; ``--quiet`` shows none; the summary is unchanged."""
 from __future__ import annotations
 
 import io
@@ -12,54 +11,16 @@ from pathlib import Path
 import pytest
 from sync_helpers import API_KEY, env_of, run_main, services
 
-from engine import Progress, StageProgress
-from examples import contact_sync
-from examples.contact_sync import Console, ProgressLines, engine_progress
+from examples.contact_sync import Console, engine_progress
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "contact_sync.py"
 
 
-class _Tty(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
-def _snapshot(visible: int, final: bool = False) -> Progress:
-    return Progress(visible, 10, visible, 0, 0, 1.0, (StageProgress("fetch", 1, 2, 5),), final)
-
-
 @pytest.mark.timeout(10)
-def test_engine_progress_picks_the_engines_display(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_engine_progress_draws_on_the_consoles_stderr() -> None:
     assert engine_progress(Console((), io.StringIO(), sys.stderr, quiet=True)) is False
-    # this process's stderr: the engine draws there itself (lines off a terminal)
-    monkeypatch.setattr(sys, "stderr", io.StringIO())
-    assert engine_progress(Console((), io.StringIO(), sys.stderr)) is True
-    tty = _Tty()
-    monkeypatch.setattr(sys, "stderr", tty)
-    assert engine_progress(Console((), io.StringIO(), tty)) is True  # tqdm is installed here
-    # a terminal without tqdm: the engine's plain lines, not an ImportError
-    real = contact_sync.importlib.util.find_spec
-    monkeypatch.setattr(contact_sync.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "tqdm" else real(name, *a))
-    assert isinstance(engine_progress(Console((), io.StringIO(), tty)), ProgressLines)
-    # a caller's stream: the engine's lines through the console
-    assert isinstance(engine_progress(Console((), io.StringIO(), io.StringIO())), ProgressLines)
-
-
-@pytest.mark.timeout(10)
-def test_progress_lines_are_the_engines_lines_throttled_and_redacted() -> None:
-    err = io.StringIO()
-    console = Console(["fetch 1+2"], io.StringIO(), err)  # a "secret" the line contains
-    lines = ProgressLines(console.note, every=3600)
-    for n in range(1, 10):
-        lines(_snapshot(n))
-    assert err.getvalue() == ""  # nothing before `every` seconds
-    lines(_snapshot(10, final=True))
-    assert err.getvalue() == _snapshot(10, final=True).line() + "\n"
-    lines = ProgressLines(console.note, every=0)
-    lines(_snapshot(3))
-    assert err.getvalue().splitlines()[-1] == \
-        _snapshot(3).line().replace("fetch 1+2", "***")
+    err = io.StringIO()  # a caller's stream: the engine draws there (plain lines)
+    assert engine_progress(Console((), io.StringIO(), err)) is err
 
 
 @pytest.mark.postgres

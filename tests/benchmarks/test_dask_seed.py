@@ -2,15 +2,14 @@
 
     .venv/bin/python -m pytest tests/benchmarks/test_dask_seed.py --benchmark-enable -s
 
-The scenario's simulated services (``bench/scenarios/seed.toml``, 3,220 contacts x 4 stages)
-run as Dask tasks (``client.get_executor(pure=False)``), at a ``time_scale`` where the run is
-latency-bound (a call of the seed's median 1 s sleeps ``time_scale`` s, against ~5-15 ms of
-Dask overhead per task, ~4-5 ms of it the caller's CPU). The figure is the harness's own: the virtual clock's makespan of the
-same scenario (the ideal schedule of these latencies under the continuous rule) over the Dask
-run's makespan, target >= 0.95; the same run on threads is measured beside it. Figures, not
-asserts (the machine has 2 cores shared by the cluster, its scheduler and this process).
-``CONVEYOR_BENCH_QUICK=1`` (CI) runs 600 contacts.
-"""
+The scenario's simulated services (``bench/scenarios/seed.toml``, 3,220 contacts x 4 stages) run
+as Dask tasks (``client.get_executor(pure=False)``), at a ``time_scale`` where the run is
+latency-bound (a call of the seed's median 1 s sleeps ``time_scale`` s, against ~5-15 ms of Dask
+overhead per task, ~4-5 ms of it the caller's CPU). The figure is the harness's own: the virtual
+clock's makespan of the same scenario (the ideal schedule of these latencies under the
+continuous rule) over the Dask run's makespan, target >= 0.95; the same run on threads is
+measured beside it. Figures, not asserts (the machine has 2 cores shared by the cluster, its
+scheduler and this process). ``CONVEYOR_BENCH_QUICK=1`` (CI) runs 600 contacts."""
 from __future__ import annotations
 
 import dataclasses
