@@ -18,6 +18,8 @@
 This package imports requests, openai (and its httpx2) and psycopg2; ``import engine`` alone
 does not.
 """
+from typing import TYPE_CHECKING
+
 from ._async import AsyncHttpFetch, AsyncLLMAnalyze
 from ._errors import RETRYABLE, AdapterError, PermanentError, TransientError, parse_retry_after
 from ._ledger_pg import PostgresLedger
@@ -41,6 +43,20 @@ from .llm import (
 )
 from .postgres import SCHEMA, PostgresStore, redact_dsn
 
+if TYPE_CHECKING:
+    from ._async_postgres import AsyncPostgresStore
+
+
+def __getattr__(name: str) -> object:
+    # AsyncPostgresStore needs asyncpg (the ``async`` extra): imported on first use, so
+    # ``import engine.adapters`` works without it
+    if name == "AsyncPostgresStore":
+        from ._async_postgres import AsyncPostgresStore
+
+        return AsyncPostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ANALYSIS_SCHEMA",
     "DEFAULT_OUTPUT_ESTIMATE",
@@ -53,6 +69,7 @@ __all__ = [
     "Assignment",
     "AsyncHttpFetch",
     "AsyncLLMAnalyze",
+    "AsyncPostgresStore",
     "Contact",
     "Fetched",
     "HttpFetch",
