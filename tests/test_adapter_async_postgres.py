@@ -281,6 +281,7 @@ def test_the_store_as_the_engines_async_stages(pg_dsn: str) -> None:
     store.close()
 
 
+@pytest.mark.timeout(10)
 def test_connect_args_read_libpq_dsns() -> None:
     kv = connect_args("host=db.example port=6543 dbname=crm user=sync password=s3cr=t "
                       "connect_timeout=5 application_name=job options='-c statement_timeout=5s "
@@ -298,6 +299,7 @@ def test_connect_args_read_libpq_dsns() -> None:
     assert "hunter2" not in str(ei.value)
 
 
+@pytest.mark.timeout(10)
 def test_bad_concurrency_is_rejected() -> None:
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="concurrency"):
