@@ -51,8 +51,13 @@ def __getattr__(name: str) -> object:
     # AsyncPostgresStore needs asyncpg (the ``async`` extra): imported on first use, so
     # ``import engine.adapters`` works without it
     if name == "AsyncPostgresStore":
-        from ._async_postgres import AsyncPostgresStore
-
+        try:
+            from ._async_postgres import AsyncPostgresStore
+        except ImportError as exc:
+            if exc.name != "asyncpg":
+                raise
+            raise ImportError("AsyncPostgresStore needs asyncpg: pip install 'conveyor[async]'",
+                              name="asyncpg") from exc
         return AsyncPostgresStore
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
