@@ -76,12 +76,12 @@ def test_a_live_run_shows_the_engines_progress(tmp_path: Path) -> None:
     """The run's own process draws the engine's progress on stderr (plain lines here: not a
     terminal), after the job's announcement; stdout keeps one line per run."""
     res = bench("run", "--scenario", str(small_scenario(tmp_path)), "--clock", "live",
-                "--strategies", "continuous", "--time-scale", "0.005", "--out",
+                "--strategies", "continuous", "--time-scale", "0.1", "--out",
                 str(tmp_path / "out"))
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "[1/1] small live x0.005 continuous r1: 150 items" in res.stderr
+    assert "[1/1] small live x0.1 continuous r1: 150 items" in res.stderr
     assert "visible (ok" in res.stderr and "(done)" in res.stderr  # the engine's line
-    assert "\r" not in res.stderr and "small live x0.005 continuous r1: makespan" in res.stdout
+    assert "\r" not in res.stderr and "small live x0.1 continuous r1: makespan" in res.stdout
 
 
 @pytest.mark.timeout(180)
