@@ -381,12 +381,7 @@ class SyncJob:
         self.config = config
         self.limits = limits
         self.processes = processes
-        # Backoff is in engine-clock seconds: a benchmark running its services at time_scale
-        # scales it too. Retry-After hints from the servers are already real seconds.
-        net = RetryPolicy(attempts=attempts, backoff=0.5 * time_scale,
-                          max_backoff=8.0 * time_scale, retry_on=RETRYABLE)
-        db = RetryPolicy(attempts=max(attempts, 6), backoff=0.2 * time_scale,
-                         max_backoff=5.0 * time_scale, retry_on=RETRYABLE)
+        net, db = retry_policies(attempts, time_scale)
         self.fetch: HttpFetch | None = None
         self.llm: LLMAnalyze | None = None
         self.store: PostgresStore
@@ -464,6 +459,17 @@ def _processes_of(job: Any) -> int | None:
     (A job of ``SyncJob``'s interface without ``processes`` runs on threads.)"""
     n = getattr(job, "processes", 1)
     return n if n > 1 else None
+
+
+def retry_policies(attempts: int, time_scale: float) -> tuple[RetryPolicy, RetryPolicy]:
+    """The network stages' and the database stages' retry policies (the latter at least 6
+    attempts). Backoff is in engine-clock seconds: a benchmark running its services at
+    ``time_scale`` scales it too; Retry-After hints from the servers are real seconds."""
+    net = RetryPolicy(attempts=attempts, backoff=0.5 * time_scale,
+                      max_backoff=8.0 * time_scale, retry_on=RETRYABLE)
+    db = RetryPolicy(attempts=max(attempts, 6), backoff=0.2 * time_scale,
+                     max_backoff=5.0 * time_scale, retry_on=RETRYABLE)
+    return net, db
 
 
 def build_pipeline(config: SyncConfig, *, concurrency: Mapping[str, int] | None = None,
@@ -623,7 +629,7 @@ def make_strategy(name: str, batch_size: int, lanes: int) -> Any:
     return strategy_from_name(name, **params)  # the engine's one factory
 
 
-def run_sync(job: SyncJob, contacts: Iterable[Contact | BadRecord | int], *, strategy: Any,
+def run_sync(job: Any, contacts: Iterable[Contact | BadRecord | int], *, strategy: Any,
              resume: bool, console: Console, total: int | None = None,
              cancel: CancelToken | None = None, ledger: Ledger | None = None,
              retry_failed: bool = False) -> int:
@@ -761,6 +767,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="run the stages' calls in N worker processes, each with its own "
                          "clients and a share of every stage's slots (default: 1, threads in "
                          "this process)")
+    ap.add_argument("--async", dest="use_async", action="store_true",
+                    help="every stage as an async def call on one event loop (AsyncHttpFetch, "
+                         "AsyncLLMAnalyze, AsyncPostgresStore: pip install 'conveyor[async]') "
+                         "instead of clients on worker threads")
     ap.add_argument("--resume", action="store_true",
                     help="go on from what the ledger recorded: skip contacts already done, "
                          "never analyse a contact twice")
@@ -775,6 +785,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="no progress on stderr (the engine's: a bar on a terminal, a line "
                          "now and then otherwise)")
     args = ap.parse_args(argv)
+    if args.use_async and args.processes != 1:
+        ap.error("--async runs every call on one event loop, in one process: not with "
+                 "--processes")
     if args.contacts_file is not None and not args.contacts_file.is_file():
         ap.error(f"--contacts-file: no such file: {args.contacts_file}")
     if args.contacts is None and args.contacts_file is None:
@@ -851,7 +864,12 @@ def main(argv: list[str] | None = None, *, env: Mapping[str, str] = os.environ,
             return 2
         console = Console(config.secrets, out, err, args.quiet)
         try:
-            job = stack.enter_context(build_pipeline(config, processes=args.processes))
+            if args.use_async:  # imported here: the async example imports this module
+                from examples.contact_sync_async import build_async_pipeline
+
+                job: Any = stack.enter_context(build_async_pipeline(config))
+            else:
+                job = stack.enter_context(build_pipeline(config, processes=args.processes))
         except Exception as exc:  # unreachable database and the like: one clear line
             console.note(f"contact_sync.py: error: cannot start: {exc}")
             return 2

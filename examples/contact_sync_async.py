@@ -25,8 +25,6 @@ For ``contact_sync.py`` (a ``--async`` flag) and the benchmarks::
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
 import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping
@@ -40,14 +38,11 @@ from engine import (
     CancelToken,
     ItemResult,
     Ledger,
-    LedgerError,
     Pipeline,
-    RetryPolicy,
     RunReport,
     Stage,
 )
 from engine.adapters import (
-    RETRYABLE,
     AsyncHttpFetch,
     AsyncLLMAnalyze,
     AsyncPostgresStore,
@@ -64,14 +59,13 @@ from examples.contact_sync import (
     ConfigError,
     Console,
     SyncConfig,
-    _close_ledger,
     item_key,
-    local_services,
     make_strategy,
-    open_ledger,
-    parse_args,
-    read_contacts,
+    retry_policies,
     run_sync,
+)
+from examples.contact_sync import (
+    main as contact_sync_main,
 )
 
 __all__ = ["AsyncSyncJob", "build_async_pipeline", "main", "run_async_job"]
@@ -117,11 +111,7 @@ class AsyncSyncJob:
                                      create_schema=False)  # the bookkeeping store creates it
         # connects (and creates the schema) now: an unreachable database fails here, at start
         self.store: PostgresStore = _Bookkeeping(config.database_url, self.db)
-        # contact_sync.SyncJob's retry policies (engine-clock seconds, see there)
-        net = RetryPolicy(attempts=attempts, backoff=0.5 * time_scale,
-                          max_backoff=8.0 * time_scale, retry_on=RETRYABLE)
-        db = RetryPolicy(attempts=max(attempts, 6), backoff=0.2 * time_scale,
-                         max_backoff=5.0 * time_scale, retry_on=RETRYABLE)
+        net, db = retry_policies(attempts, time_scale)  # contact_sync.SyncJob's
         fetch = self.fetch
 
         async def fetch_contact(item: Contact | BadRecord | int) -> Fetched:
@@ -190,51 +180,16 @@ def run_async_job(config: SyncConfig, contacts: Iterable[Contact | BadRecord | i
     except Exception as exc:  # unreachable database and the like: one clear line
         console.note(f"contact_sync_async.py: error: cannot start: {exc}")
         return 2
-    extra: dict[str, Any] = {}
-    if "total" in inspect.signature(run_sync).parameters:  # contact_sync.py before its engine
-        extra["total"] = total  # progress (which counts the total itself)
     with built:
         return run_sync(built, contacts, strategy=strategy, resume=resume, console=console,
-                        cancel=cancel, ledger=ledger, retry_failed=retry_failed, **extra)
+                        cancel=cancel, ledger=ledger, retry_failed=retry_failed, total=total)
 
 
 def main(argv: list[str] | None = None, *, env: Mapping[str, str] = os.environ,
          out: IO[str] = sys.stdout, err: IO[str] = sys.stderr) -> int:
-    """``contact_sync.py``'s command line (the same flags), on the async job."""
-    args = parse_args(argv)
-    if getattr(args, "processes", 1) != 1:
-        print("contact_sync_async.py: error: --processes: the async job runs in one process",
-              file=err)
-        return 2
-    with contextlib.ExitStack() as stack:
-        plain = Console((), out, err, args.quiet)
-        try:
-            if args.demo:
-                config = stack.enter_context(local_services(console=plain))
-            else:
-                config = SyncConfig.from_env(env)
-        except ConfigError as exc:
-            plain.note(f"contact_sync_async.py: error: {exc}")
-            return 2
-        console = Console(config.secrets, out, err, args.quiet)
-        if args.contacts_file is not None:
-            contacts: Iterable[Any] = read_contacts(args.contacts_file)
-            total = None
-        else:
-            contacts = range(1, args.contacts + 1)
-            total = args.contacts
-        try:
-            ledger = open_ledger(args.ledger, config)
-        except (ValueError, LedgerError) as exc:
-            console.note(f"contact_sync_async.py: error: --ledger: {exc}")
-            return 2
-        if ledger is not None:
-            stack.callback(_close_ledger, ledger, console)
-        return run_async_job(config, contacts, console=console, total=total,
-                             strategy=make_strategy(args.strategy, args.batch_size, args.lanes),
-                             resume=args.resume, ledger=ledger,
-                             retry_failed=args.retry_failed)
-    return 2  # pragma: no cover -- ExitStack does not swallow; keeps type checkers content
+    """``contact_sync.py --async``: the same command line, on the async job."""
+    return contact_sync_main(["--async", *(sys.argv[1:] if argv is None else argv)], env=env,
+                             out=out, err=err)
 
 
 if __name__ == "__main__":
