@@ -32,59 +32,13 @@ import time
 from typing import Any
 
 from ._cancel import CancelToken
-from ._context import _async_call
+from ._context import _async_call, _wake, asleep
 from ._core import _Call
 from ._errors import StageInitError
-from ._live import _Done, _InitFailed
+from ._messages import _Done, _InitFailed
 from ._stage import Stage
 
 __all__ = ["AsyncLoop", "asleep"]
-
-# Calls sleeping in asleep(), by call: only ever touched on the call's own loop thread.
-_sleepers: dict[Any, asyncio.Future[bool]] = {}
-
-
-async def asleep(seconds: float, call: Any = None) -> bool:
-    """``await asyncio.sleep(seconds)``, cut short when the engine discards this call (its
-    hedged twin won); returns True if it was cut short. ``call``: the running call (default:
-    the one this coroutine runs for)."""
-    if call is None:
-        call = _async_call.get()
-        if call is None:
-            raise RuntimeError("asleep() is only available inside an async stage call run by "
-                               "the engine")
-    else:
-        # a CurrentCall (its record in __dict__), or the engine's own record (slots)
-        call = getattr(call, "__dict__", {}).get("_call", call)
-    event = call.event
-    if event is None:  # not hedged: nothing can cut it short
-        await asyncio.sleep(seconds)
-        return False
-    if event.is_set():
-        return True
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[bool] = loop.create_future()
-    _sleepers[call] = fut
-    handle = loop.call_later(max(0.0, seconds), _settle, fut, False)
-    try:
-        return await fut
-    finally:
-        handle.cancel()
-        if _sleepers.get(call) is fut:
-            del _sleepers[call]
-
-
-def _settle(fut: asyncio.Future[bool], value: bool) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _wake(call: _Call) -> None:
-    """On the loop: ``call`` was discarded; end its asleep() now."""
-    fut = _sleepers.pop(call, None)
-    if fut is not None:
-        _settle(fut, True)
-
 
 async def _close(resource: Any) -> None:
     for name in ("aclose", "close"):

@@ -64,8 +64,6 @@ class CurrentCall(CallInfo):
     async def asleep(self, seconds: float) -> bool:
         """``await asyncio.sleep(seconds)``, cut short when the engine discards this call (its
         hedged twin won); returns True if it was cut short. For async stages."""
-        from ._async import asleep  # asyncio only where it is used
-
         return await asleep(seconds, self.__dict__["_call"])
 
     @property
@@ -119,3 +117,51 @@ def current_call() -> CurrentCall:
 def checkpoint() -> None:
     """A Python-level no-op. Loops that may run long without calling any Python code (the
     virtual clock, if compiled) call it now and then so that Ctrl-C interrupts them."""
+
+
+# Calls sleeping in asleep(), by call: only ever touched on the call's own loop thread.
+_sleepers: dict[Any, Any] = {}  # call -> its asyncio.Future[bool]
+
+
+async def asleep(seconds: float, call: Any = None) -> bool:
+    """``await asyncio.sleep(seconds)``, cut short when the engine discards this call (its
+    hedged twin won); returns True if it was cut short. ``call``: the running call (default:
+    the one this coroutine runs for)."""
+    if call is None:
+        call = _async_call.get()
+        if call is None:
+            raise RuntimeError("asleep() is only available inside an async stage call run by "
+                               "the engine")
+    else:
+        # a CurrentCall (its record in __dict__), or the engine's own record (slots)
+        call = getattr(call, "__dict__", {}).get("_call", call)
+    import asyncio  # only in coroutines: a thread-only run never imports it
+
+    event = call.event
+    if event is None:  # not hedged: nothing can cut it short
+        await asyncio.sleep(seconds)
+        return False
+    if event.is_set():
+        return True
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[bool] = loop.create_future()
+    _sleepers[call] = fut
+    handle = loop.call_later(max(0.0, seconds), _settle, fut, False)
+    try:
+        return await fut
+    finally:
+        handle.cancel()
+        if _sleepers.get(call) is fut:
+            del _sleepers[call]
+
+
+def _settle(fut: Any, value: bool) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _wake(call: Any) -> None:
+    """On the loop: ``call`` was discarded; end its asleep() now."""
+    fut = _sleepers.pop(call, None)
+    if fut is not None:
+        _settle(fut, True)

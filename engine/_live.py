@@ -25,12 +25,13 @@ import time
 import types
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from ._cancel import CancelToken
 from ._context import _local
 from ._core import Backend, _Call
 from ._errors import StageInitError
+from ._messages import _Done, _InitFailed
 from ._relay import _Relay, _Timed
 from ._stage import Stage, _is_async
 
@@ -51,23 +52,6 @@ class _Wake:
 
 
 _WAKE = _Wake()
-
-
-class _Done(NamedTuple):
-    """Worker -> dispatcher: a call ended (``ok=None``: it was not started, the run is
-    cancelled). ``result`` is the return value, or the exception when ``ok`` is False."""
-
-    call: _Call
-    start: float
-    end: float
-    ok: bool | None
-    result: Any
-
-
-class _InitFailed(NamedTuple):
-    """Worker -> dispatcher: the stage's ``init`` raised in this worker."""
-
-    error: StageInitError
 
 
 # Live backends not closed yet: id -> abandon. close() removes its entry; a stream dropped

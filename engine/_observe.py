@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, TextIO, runtime_checkable
+from typing import Any, TextIO
 
 from ._progress import ProgressObserver
-from ._records import ItemResult
+from ._records import Observer, RunInfo
 
 __all__ = [
     "LogCapture",
@@ -38,33 +36,7 @@ __all__ = [
 ]
 
 
-# -- the contract ------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class RunInfo:
-    """What an observer learns when the run starts. Record times are seconds since the run's
-    zero; ``t0_epoch_ns`` is that zero on the wall clock (``time.time_ns()``), so a record time
-    ``t`` happened at ``t0_epoch_ns + t * 1e9`` (on the virtual clock: as if the simulated run
-    had started when it really did)."""
-
-    t0_epoch_ns: int
-    clock: str = "live"
-    strategy: str = ""
-
-    @classmethod
-    def at(cls, now_s: float, clock: str = "live", strategy: str = "") -> RunInfo:
-        """The run's info from its clock's reading now (``backend.now()``)."""
-        return cls(time.time_ns() - round(now_s * 1e9), clock, strategy)
-
-
-@runtime_checkable
-class Observer(Protocol):
-    """Something that watches a run. All three methods run on the dispatcher thread."""
-
-    def start(self, info: RunInfo) -> None: ...
-
-    def update(self, results: list[ItemResult], sched: Any) -> None: ...
-
-    def close(self, report: Any) -> None: ...
+# -- the contract (RunInfo, Observer) is in engine._records, re-exported here --------------
 
 
 def observers(progress: Any = False, stages: Sequence[str] = (), total: int | None = None,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ._records import ItemResult
 
 if TYPE_CHECKING:
-    from ._observe import RunInfo
+    from ._records import RunInfo
 
 __all__ = ["Otel", "OtelObserver", "otel"]
 

@@ -37,7 +37,8 @@ from typing import Any
 from ._cancel import CancelToken
 from ._core import _Call
 from ._errors import StageInitError, WorkerLost, safe_str
-from ._live import LiveBackend, _InitFailed, _running
+from ._live import LiveBackend, _running
+from ._messages import _InitFailed
 from ._procs_child import (
     _FATAL,
     _INIT_FAILED,

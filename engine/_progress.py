@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from ._records import ItemResult
 
 if TYPE_CHECKING:
-    from ._observe import RunInfo
+    from ._records import RunInfo
 
 __all__ = ["Progress", "ProgressObserver", "StageProgress"]
 

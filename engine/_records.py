@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from ._errors import describe
 from ._summary import summarize
@@ -24,6 +25,8 @@ __all__ = [
     "Attempt",
     "ErrorInfo",
     "ItemResult",
+    "Observer",
+    "RunInfo",
     "RunReport",
     "StageSpan",
     "StageStats",
@@ -319,3 +322,32 @@ class RunReport:
         doc = self.to_json(metadata=metadata, time_scale=time_scale)
         p.write_text(json.dumps(doc, separators=(",", ":")) + "\n")
         return p
+
+
+# -- what an observer of a run sees (engine._observe) ------------------------------------------
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """What an observer learns when the run starts. Record times are seconds since the run's
+    zero; ``t0_epoch_ns`` is that zero on the wall clock (``time.time_ns()``), so a record time
+    ``t`` happened at ``t0_epoch_ns + t * 1e9`` (on the virtual clock: as if the simulated run
+    had started when it really did)."""
+
+    t0_epoch_ns: int
+    clock: str = "live"
+    strategy: str = ""
+
+    @classmethod
+    def at(cls, now_s: float, clock: str = "live", strategy: str = "") -> RunInfo:
+        """The run's info from its clock's reading now (``backend.now()``)."""
+        return cls(time.time_ns() - round(now_s * 1e9), clock, strategy)
+
+
+@runtime_checkable
+class Observer(Protocol):
+    """Something that watches a run. All three methods run on the dispatcher thread."""
+
+    def start(self, info: RunInfo) -> None: ...
+
+    def update(self, results: list[ItemResult], sched: Any) -> None: ...
+
+    def close(self, report: Any) -> None: ...
