@@ -99,8 +99,9 @@ _async_call: contextvars.ContextVar[Any] = contextvars.ContextVar("conveyor_call
 def current_call() -> CurrentCall:
     """The call the current thread (or coroutine) is running for the engine.
 
-    Raises ``RuntimeError`` outside a stage call (or in a stage running on a process pool or
-    another executor, where the call runs elsewhere).
+    Raises ``RuntimeError`` outside a stage call. In a call on a process pool or a caller's
+    executor (a Dask worker) it describes the call (index, key, stage, attempt); ``charge()``
+    there is not carried back, and ``cancelled`` stays False.
     """
     call = _async_call.get()
     if call is None:
@@ -165,3 +166,26 @@ def _wake(call: Any) -> None:
     fut = _sleepers.pop(call, None)
     if fut is not None:
         _settle(fut, True)
+
+
+# -- a call's context where it runs elsewhere ------------------------------------------------
+class _RemoteItem:
+    __slots__ = ("index", "key")
+
+    def __init__(self, index: int, key: Any) -> None:
+        self.index, self.key = index, key
+
+
+class _RemoteCall:
+    """What ``current_call()`` reads where a call runs away from the engine's own threads: a
+    ``processes=N`` child, a process pool or a caller's executor (a Dask worker)."""
+
+    __slots__ = ("attempt", "charged", "event", "hedge", "item", "lost", "name", "stage")
+
+    def __init__(self, item: _RemoteItem, stage: int, name: str, attempt: int, hedge: bool,
+                 event: threading.Event | None) -> None:
+        self.item, self.stage, self.name = item, stage, name
+        self.attempt, self.hedge = attempt, hedge
+        self.charged: dict[str, float] | None = None
+        self.lost = False
+        self.event = event

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from ._context import _local
+from ._context import _local, _RemoteCall, _RemoteItem
 from ._errors import RemoteError, StageInitError, _RemoteTraceback, describe, remote_error, safe_str
 
 __all__ = ["RemoteError"]  # re-exported: engine._errors.RemoteError
@@ -103,27 +103,6 @@ def _portable_error(exc: BaseException) -> Any:
 
 
 # -- the child ---------------------------------------------------------------------------------
-
-class _RemoteItem:
-    __slots__ = ("index", "key")
-
-    def __init__(self, index: int, key: Any) -> None:
-        self.index, self.key = index, key
-
-
-class _RemoteCall:
-    """What ``current_call()`` reads in a child (see engine/_context.py)."""
-
-    __slots__ = ("attempt", "charged", "event", "hedge", "item", "lost", "name", "stage")
-
-    def __init__(self, item: _RemoteItem, stage: int, name: str, attempt: int, hedge: bool,
-                 event: threading.Event | None) -> None:
-        self.item, self.stage, self.name = item, stage, name
-        self.attempt, self.hedge = attempt, hedge
-        self.charged: dict[str, float] | None = None
-        self.lost = False
-        self.event = event
-
 
 class _Spec(NamedTuple):
     """What a child needs of a stage (not the Stage: its budget or rate limit may not pickle,

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from ._context import _local, _RemoteCall, _RemoteItem
 from ._dask import is_worker_lost
 from ._errors import WorkerLost, remote_error
 
@@ -40,6 +41,40 @@ def _timed(fn: Callable[[Any], Any], value: Any) -> _Timed:
     return _Timed(t0, time.perf_counter(), result)
 
 
+_PLAIN_KEYS = (int, str, float, bytes, type(None))
+
+
+class _InCall:
+    """``fn`` run where the executor runs it, with ``current_call()`` describing the engine's
+    call there (a simulated service reads the item's index and attempt from it). One per
+    relay, so an executor that caches a callable's pickle (Dask) pickles it once."""
+
+    __slots__ = ("fn", "timed")
+
+    def __init__(self, fn: Callable[[Any], Any], timed: bool) -> None:
+        self.fn, self.timed = fn, timed
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_InCall, (self.fn, self.timed))
+
+    def __call__(self, value: Any, where: tuple[Any, ...]) -> Any:
+        index, key, name, stage, attempt, hedge = where
+        prev = getattr(_local, "call", None)
+        _local.call = _RemoteCall(_RemoteItem(index, key), stage, name, attempt, hedge, None)
+        try:
+            return _timed(self.fn, value) if self.timed else self.fn(value)
+        finally:
+            _local.call = prev
+
+
+def _where() -> tuple[Any, ...]:
+    """The relaying thread's call, as _InCall takes it (a key that may not pickle: None)."""
+    call = _local.call
+    item = call.item
+    key = item.key if isinstance(item.key, _PLAIN_KEYS) else None
+    return (item.index, key, call.name, call.stage, call.attempt, call.hedge)
+
+
 class _Relay:
     """A stage's calls sent to an executor. A process pool that breaks (a worker died) is
     replaced, and the calls it lost fail with the retryable ``WorkerLost``."""
@@ -51,15 +86,14 @@ class _Relay:
         self._make = make  # how to replace a broken pool we own (None: the caller's)
         self._lock = threading.Lock()
         # only executors on this host share our monotonic clock
-        self._timed = isinstance(executor, concurrent.futures.ThreadPoolExecutor
-                                 | concurrent.futures.ProcessPoolExecutor)
+        timed = isinstance(executor, concurrent.futures.ThreadPoolExecutor
+                           | concurrent.futures.ProcessPoolExecutor)
+        self._call = _InCall(fn, timed)
 
     def __call__(self, value: Any) -> Any:
         ex = self.executor
         try:
-            if self._timed:
-                return ex.submit(_timed, self.fn, value).result()
-            return ex.submit(self.fn, value).result()
+            return ex.submit(self._call, value, _where()).result()
         except concurrent.futures.BrokenExecutor as exc:
             self._replace(ex)
             raise WorkerLost(f"the worker running this call died ({type(exc).__name__})") from exc

@@ -7,9 +7,11 @@ ensure_compiled_venv() {
   [ -x .venv-compiled/bin/python ] || "${PYTHON:-python3}" -m venv .venv-compiled
   if [ ! -e "$marker" ] || [ -n "$(find pyproject.toml setup.py engine simulators \
         \( -name '*.py' -o -name '*.toml' \) -newer "$marker" -print -quit)" ]; then
-    CONVEYOR_COMPILE=1 .venv-compiled/bin/python -m pip install -q --disable-pip-version-check \
-      --force-reinstall --no-deps . \
-      && .venv-compiled/bin/python -m pip install -q --disable-pip-version-check ".[dev]" \
+    # the dependencies first, then the compiled engine over them: a ".[dev]" install after
+    # it would rebuild the project without CONVEYOR_COMPILE and replace the compiled modules
+    .venv-compiled/bin/python -m pip install -q --disable-pip-version-check ".[dev]" \
+      && CONVEYOR_COMPILE=1 .venv-compiled/bin/python -m pip install -q \
+           --disable-pip-version-check --force-reinstall --no-deps . \
       && touch "$marker"
   fi
 }

@@ -63,6 +63,24 @@ def test_current_call_inside_thread_stage() -> None:
 
 
 # -- a caller's executor smaller than the stage's limit (issue 10) -------------------------------
+def call_of(x: int) -> tuple[int, int, str, int]:
+    c = current_call()
+    return (c.index, c.key, c.stage, c.attempt)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["process", "thread-pool"])
+def test_current_call_inside_an_executor_stage(where: str) -> None:
+    """A call relayed to a process pool or a caller's executor (a Dask worker) still sees
+    which call it is: a simulated service reads the item's index and attempt from it."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        ex: object = "process" if where == "process" else pool
+        report = Pipeline([Stage("s", call_of, concurrency=2, executor=ex)],  # type: ignore[arg-type]
+                          key=lambda x: x * 10).run(range(6))
+    assert report.ok == 6
+    assert sorted(r.value for r in report.items) == [(i, i * 10, "s", 1) for i in range(6)]
+
+
 def fifty_ms(x: int) -> int:
     time.sleep(0.05)
     return x
