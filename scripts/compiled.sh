@@ -8,8 +8,10 @@ ensure_compiled_venv() {
   if [ ! -e "$marker" ] || [ -n "$(find pyproject.toml setup.py engine simulators \
         \( -name '*.py' -o -name '*.toml' \) -newer "$marker" -print -quit)" ]; then
     # the dependencies first, then the compiled engine over them: a ".[dev]" install after
-    # it would rebuild the project without CONVEYOR_COMPILE and replace the compiled modules
+    # it would rebuild the project without CONVEYOR_COMPILE and replace the compiled modules;
+    # setuptools' build/ is removed first (it would copy a stale extension into the install)
     .venv-compiled/bin/python -m pip install -q --disable-pip-version-check ".[dev]" \
+      && rm -rf build \
       && CONVEYOR_COMPILE=1 .venv-compiled/bin/python -m pip install -q \
            --disable-pip-version-check --force-reinstall --no-deps . \
       && touch "$marker"

@@ -7,6 +7,8 @@
 * ``PostgresStore`` -- ``save`` and ``assign`` over ``psycopg2`` (pooled, upserts, schema).
 * ``AsyncHttpFetch`` / ``AsyncLLMAnalyze`` -- the same stages as ``async def`` callables, over
   ``httpx2.AsyncClient`` and ``openai.AsyncOpenAI`` (one client per event loop).
+* ``AsyncPostgresStore`` -- ``PostgresStore``'s tables and upserts over asyncpg (one pool per
+  event loop; the ``async`` extra, imported on first use).
 * ``LLMAnalyze(..., budget=b)`` resyncs ``b`` from every response's ``x-ratelimit-*`` headers
   and charges the actual usage; ``Stage("analyze", llm, budget=b, cost=llm.estimate)``.
 * ``PostgresLedger`` -- a run's ledger (DESIGN §11) in PostgreSQL, its own table in the job's
