@@ -363,14 +363,7 @@ class Scheduler(FlowSteps):
                                            (_new(Attempt, (start, end, None, False, False,
                                                            None)),), False)))
         item.value = result
-        if item.stage == self.last:  # _move_on, inlined
-            item.status = "ok"
-            self.policy.item_done(item)
-        elif self.cancel.cancelled:
-            item.status = "cancelled"
-            self.policy.item_done(item)
-        else:
-            self.policy.stage_done(item)
+        self._move_on(item)
 
     def _won(self, st: StageState, call: _Call, start: float, end: float, result: Any,
              cost: dict[str, float] | None) -> None:

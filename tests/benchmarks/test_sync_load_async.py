@@ -18,15 +18,13 @@ assignments in the database, so a fast-but-wrong job cannot win. The target (iss
 engine-async at least as fast as the peer, CPU per contact within 10% -- printed, not asserted
 (a loaded 2-core machine moves both by more than that).
 
-The ``services`` fixture is ``test_sync_load.py``'s, duplicated (~30 lines): sharing it through
-``conftest.py`` would change that file.
+The ``services`` fixture (servers and PostgreSQL) is the load benchmark's, in ``conftest.py``.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -72,38 +70,6 @@ finally:
     print("JOB_STATS=" + json.dumps({"wall": t1 - t0, "cpu": cpu}), file=sys.stderr)
 sys.exit(code)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def services():
-    sys.path.insert(0, str(ROOT))
-    from examples._throwaway_pg import ThrowawayPostgres
-
-    ports = {"messages": _free_port(), "openai": _free_port()}
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "simulators.servers", kind, "--port", str(port), "--latency",
-         json.dumps({"dist": "uniform", "low": 0.005, "high": 0.02})],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        for kind, port in ports.items()]
-    try:
-        for p in procs:
-            assert p.stdout is not None
-            assert "http://" in p.stdout.readline()  # serving
-        with ThrowawayPostgres() as pg:
-            yield {"DATABASE_URL": pg.dsn,
-                   "MESSAGES_API_URL": f"http://127.0.0.1:{ports['messages']}",
-                   "OPENAI_BASE_URL": f"http://127.0.0.1:{ports['openai']}/v1",
-                   "OPENAI_API_KEY": "bench-key", "OPENAI_MODEL": "gpt-4o-mini"}
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(10)
 
 
 def _sql(dsn: str, sql: str) -> list[tuple[Any, ...]]:
