@@ -283,13 +283,6 @@ class Budget:
         return self._needs("Budget.settle: actual", {k: actual.get(k, est.get(k, 0.0))
                                                      for k in self._rate})
 
-    def _used_tokens(self, est: Mapping[str, float], tokens: float) -> dict[str, float]:
-        # _actual() of {"tokens": n} read from a response's usage (a number >= 0 already)
-        act = {k: est.get(k, 0.0) for k in self._rate}
-        if "tokens" in act:
-            act["tokens"] = tokens
-        return act
-
     def _adjust(self, est: Mapping[str, float], act: Mapping[str, float], now: float) -> None:
         # settle() of costs _needs() validated
         with self._lock:

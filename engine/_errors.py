@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import math
+import pickle
 import time
 import traceback as _tb
 from typing import Any
@@ -75,6 +76,17 @@ class _RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+def portable(exc: BaseException) -> BaseException:
+    """``exc`` itself if it survives pickling as its own type, else a :class:`RemoteError`
+    standing for it: what a worker process sends back for a call that raised."""
+    try:
+        if type(pickle.loads(pickle.dumps(exc))) is type(exc):
+            return exc
+    except Exception:
+        pass
+    return remote_error(exc)
 
 
 def remote_error(exc: BaseException) -> RemoteError:

@@ -45,6 +45,7 @@ _PRIO = 0  # wakes a worker loop: a retry waits in its stage's priority queue
 _MAX_WAIT = 3600.0  # longest single wait for a timer (a longer one is waited for in steps)
 _COROUTINE = types.CoroutineType
 _UNSTARTED = 1 << 62  # an async stage's "worker loops": the event loop, never spawned
+_UNBOUNDED = 1 << 62  # a fixed thread stage's prefetch: its inbox takes any number of calls
 
 
 class _Wake:
@@ -237,7 +238,7 @@ class LiveBackend(Backend):
         # number of calls queued in its inbox (the old model: no round trip per call)
         if self._grows[stage] or self._inboxes[stage] is self._loop:
             return 0
-        return _UNSTARTED
+        return _UNBOUNDED
 
     def start(self, call: _Call) -> None:
         s = call.stage

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ._context import _local, _RemoteCall, _RemoteItem
-from ._errors import RemoteError, StageInitError, _RemoteTraceback, describe, remote_error, safe_str
+from ._errors import RemoteError, StageInitError, _RemoteTraceback, describe, portable, safe_str
 
 __all__ = ["RemoteError"]  # re-exported: engine._errors.RemoteError
 
@@ -93,13 +93,9 @@ class _Traced:
 
 
 def _portable_error(exc: BaseException) -> Any:
-    """``exc`` in a form that pickles here and unpickles in the parent."""
-    try:
-        if type(_loads(_dumps(exc, _PROTOCOL))) is type(exc):
-            return _Traced(exc, describe(exc)[3])
-    except Exception:
-        pass
-    return remote_error(exc)
+    """``exc`` in a form that pickles here and unpickles in the parent (with its traceback)."""
+    err = portable(exc)
+    return _Traced(exc, describe(exc)[3]) if err is exc else err
 
 
 # -- the child ---------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ seconds, reads the scheduler (calls running and items queued per stage) and draw
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import sys
 import time
@@ -130,13 +129,17 @@ class ProgressObserver:
             is_tty = _isatty(out) if tty is None else tty
             if named == "lines" or not is_tty:
                 self.mode = "lines"
-            elif named == "bar" or _has_tqdm():
-                _tqdm_class()  # "bar" without tqdm: fail now, before the run starts
-                self.mode = "bar"
-                self._own_bar = True
-            else:  # a terminal without tqdm: plain lines, and say how to get the bar
-                log.warning("progress: plain lines (no tqdm for a bar: %s)", PROGRESS_EXTRA)
-                self.mode = "lines"
+            else:
+                try:
+                    _tqdm_class()  # fail now, before the run starts
+                    self.mode = "bar"
+                    self._own_bar = True
+                except ImportError:
+                    if named == "bar":
+                        raise
+                    # True on a terminal without tqdm: plain lines, and how to get the bar
+                    log.warning("progress: plain lines (no tqdm for a bar: %s)", PROGRESS_EXTRA)
+                    self.mode = "lines"
         elif callable(getattr(progress, "update", None)) and \
                 callable(getattr(progress, "set_postfix_str", None)):
             self.mode = "bar"
@@ -250,11 +253,6 @@ def _is_stream(obj: Any) -> bool:
     """A text stream to draw on (``sys.stdout``, a file): ``write`` and no bar's ``update``."""
     return (not isinstance(obj, str | bool) and callable(getattr(obj, "write", None))
             and not callable(getattr(obj, "update", None)))
-
-
-def _has_tqdm() -> bool:
-    return importlib.util.find_spec("tqdm") is not None if "tqdm" not in sys.modules \
-        else sys.modules["tqdm"] is not None
 
 
 def _tqdm_class() -> Any:

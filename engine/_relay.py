@@ -7,7 +7,6 @@ as a ``RemoteError`` naming its type."""
 from __future__ import annotations
 
 import concurrent.futures
-import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +14,7 @@ from typing import Any, NamedTuple
 
 from ._context import _local, _RemoteCall, _RemoteItem
 from ._dask import is_worker_lost
-from ._errors import WorkerLost, remote_error
+from ._errors import WorkerLost, portable
 
 __all__ = ["_Relay", "_Timed"]
 
@@ -33,11 +32,10 @@ def _timed(fn: Callable[[Any], Any], value: Any) -> _Timed:
     try:
         result = fn(value)
     except Exception as exc:  # runs in the worker: make sure the parent can read it
-        try:
-            pickle.loads(pickle.dumps(exc))
-        except Exception:
-            raise remote_error(exc) from None
-        raise
+        err = portable(exc)
+        if err is exc:
+            raise
+        raise err from None
     return _Timed(t0, time.perf_counter(), result)
 
 
@@ -53,9 +51,6 @@ class _InCall:
 
     def __init__(self, fn: Callable[[Any], Any], timed: bool) -> None:
         self.fn, self.timed = fn, timed
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_InCall, (self.fn, self.timed))
 
     def __call__(self, value: Any, where: tuple[Any, ...]) -> Any:
         index, key, name, stage, attempt, hedge = where

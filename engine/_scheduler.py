@@ -75,8 +75,6 @@ class Scheduler(FlowSteps):
         """The run starts: where calls run, the strategy's policy and the input."""
         self.feed = feed
         self.backend = backend
-        self.now = backend.now  # bound once: the hot path calls them per call
-        self.backend_start = backend.start
         self.backend_wake: Callable[[], None] = getattr(backend, "wake", lambda: None)
         self.policy = policy
         now = backend.now()
@@ -138,14 +136,9 @@ class Scheduler(FlowSteps):
         s = item.stage = item.stage + 1
         item.attempt = 1
         st = self.stages[s]
-        item.queued_at = now = self.now()
+        item.queued_at = self.backend.now()
         if st.plain and st.running < st.cap and not st.waiting and not self.cancel.cancelled:
-            # the hot path (_start_plain inlined): a free slot, nothing to consult
-            n = st.running = st.running + 1
-            item.running += 1
-            if n > st.peak:
-                st.peak = n
-            self.backend_start(_Call(item, s, st.name, 1, False, now))
+            self._start_plain(st, item)  # the hot path: a free slot, nothing to consult
         else:
             if st.gated_at >= 0.0:
                 st.gate_closed(item.queued_at)  # the queue grows while gated
@@ -227,7 +220,7 @@ class Scheduler(FlowSteps):
         item.running += 1
         if n > st.peak:
             st.peak = n
-        self.backend_start(_Call(item, st.index, st.name, item.attempt, False, item.queued_at))
+        self.backend.start(_Call(item, st.index, st.name, item.attempt, False, item.queued_at))
 
     def _drain(self) -> None:
         """The run is cancelled: every item still waiting for a slot ends cancelled now."""

@@ -172,7 +172,6 @@ class StageState:
         """The call's actual cost (recorded on its Attempt) and, at a budgeted stage, the
         budget settled with it; an error carrying ``retry_after`` pauses the budget."""
         actual: dict[str, float] | None = None
-        tokens = None
         if call.charged:
             actual = dict(call.charged)
         elif ok:
@@ -184,9 +183,7 @@ class StageState:
         budget = self.budget
         if budget is not None and call.need is not None:
             if actual:  # else it cost its estimate: nothing to settle
-                act = (budget._used_tokens(call.need, tokens) if tokens is not None
-                       else budget._actual(call.need, actual))
-                budget._adjust(call.need, act, budget_now)
+                budget._adjust(call.need, budget._actual(call.need, actual), budget_now)
             if not ok:
                 self._maybe_pause(budget, result, budget_now)
         if actual is None and call.estimate is None:
