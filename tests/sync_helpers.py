@@ -36,6 +36,16 @@ def run_main(cfg: SyncConfig, *args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def execute(dsn: str, sql: str) -> None:
+    """Run one statement and commit it (a test's own change to the job's database)."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql)
+    finally:
+        conn.close()
+
+
 def query(dsn: str, sql: str, args: tuple = ()) -> list[tuple]:
     conn = psycopg2.connect(dsn)
     try:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from sync_helpers import API_KEY, counts, query, run_main, services
+from sync_helpers import API_KEY, counts, execute, query, run_main, services
 
 from examples.contact_sync import SyncConfig, main
 from simulators.servers import OpenAIServer
@@ -48,15 +48,6 @@ def test_rerun_overwrites_and_resume_skips(pg_dsn: str) -> None:
         ("", "done", 80), ("analyze", "output", 80)]
 
 
-def _execute(dsn: str, sql: str) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
 
 
 def test_resume_needs_a_ledger_and_a_sqlite_ledger_works(pg_dsn: str, tmp_path: Path) -> None:
@@ -84,16 +75,16 @@ def test_failures_are_dead_letters_replayed_with_retry_failed(pg_dsn: str) -> No
         cfg = dataclasses.replace(cfg, openai_base_url=llm.url + "/v1")
         assert run_main(cfg, "--contacts", "10")[0] == 0
         # assignments of contact 4 now violate a constraint: assign fails for it, permanently
-        _execute(pg_dsn, "ALTER TABLE pipeline_assignments ADD CONSTRAINT not4 CHECK "
+        execute(pg_dsn, "ALTER TABLE pipeline_assignments ADD CONSTRAINT not4 CHECK "
                          "(contact_id <> 4) NOT VALID")
-        _execute(pg_dsn, "DELETE FROM pipeline_assignments WHERE contact_id = 4")
+        execute(pg_dsn, "DELETE FROM pipeline_assignments WHERE contact_id = 4")
         code, out, _ = run_main(cfg, "--contacts", "10")
         assert code == 1 and "ok 9, failed 1" in out, out
         assert llm.calls("4") == 2
         code, out, _ = run_main(cfg, "--contacts", "10", "--resume")
         assert code == 1 and "ok 9, failed 1" in out and "(9 skipped: already done)" in out
         assert llm.calls("4") == 2  # a dead letter is not run again without --retry-failed
-        _execute(pg_dsn, "ALTER TABLE pipeline_assignments DROP CONSTRAINT not4")
+        execute(pg_dsn, "ALTER TABLE pipeline_assignments DROP CONSTRAINT not4")
         code, out, _ = run_main(cfg, "--contacts", "10", "--retry-failed")
         assert code == 0, out
         assert "(9 skipped: already done; 1 analyses restored from the ledger)" in out

@@ -11,7 +11,7 @@ from typing import Any
 
 import psutil
 import pytest
-from sync_helpers import API_KEY, counts, query, run_main, services
+from sync_helpers import API_KEY, counts, execute, query, run_main, services
 
 from engine import Continuous
 from examples.contact_sync import Console, build_pipeline, run_sync
@@ -87,13 +87,13 @@ def test_resume_and_retry_failed_with_processes_2(pg_dsn: str) -> None:
         code, out, _ = run_main(cfg, "--contacts", "60", "--resume", "--processes", "2")
         assert code == 0 and "(40 skipped: already done)" in out, out
         assert llm.calls("7") == 1 and llm.calls("60") == 1
-        _execute(pg_dsn, "ALTER TABLE pipeline_assignments ADD CONSTRAINT not4 CHECK "
+        execute(pg_dsn, "ALTER TABLE pipeline_assignments ADD CONSTRAINT not4 CHECK "
                          "(contact_id <> 4) NOT VALID")
-        _execute(pg_dsn, "DELETE FROM pipeline_assignments WHERE contact_id = 4")
+        execute(pg_dsn, "DELETE FROM pipeline_assignments WHERE contact_id = 4")
         code, out, _ = run_main(cfg, "--contacts", "10", "--processes", "2")
         assert code == 1 and "ok 9, failed 1" in out, out
         assert llm.calls("4") == 2
-        _execute(pg_dsn, "ALTER TABLE pipeline_assignments DROP CONSTRAINT not4")
+        execute(pg_dsn, "ALTER TABLE pipeline_assignments DROP CONSTRAINT not4")
         code, out, _ = run_main(cfg, "--contacts", "10", "--retry-failed", "--processes", "2")
         assert code == 0, out
         assert "(9 skipped: already done; 1 analyses restored from the ledger)" in out
@@ -118,12 +118,3 @@ def test_run_sync_on_a_job_with_processes_2_records_failures(pg_dsn: str) -> Non
     assert counts(pg_dsn)["pipeline_assignments"] == (ok, ok)
 
 
-def _execute(dsn: str, sql: str) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
